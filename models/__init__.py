@@ -1,0 +1,1 @@
+"""uplvp.models: the ML engine (pure PyTorch; no HTTP, no queue code)."""

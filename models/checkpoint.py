@@ -1,0 +1,112 @@
+"""Checkpoints that carry everything needed to rebuild, resume or reuse a model.
+
+Contents: format tag, model and train configs, the category list (COCO ids and names),
+the training history, the weights, and (for resuming) optimizer state, step and RNG states.
+Writes are atomic (temp file + fsync + rename) so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
+from models.errors import CheckpointError
+
+FORMAT = "uplvp-checkpoint/1"
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig | None,
+    categories: list[dict],
+    history: list[dict],
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically. `categories` is the COCO list [{"id", "name"}] in class-index order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": FORMAT,
+        "model_config": config_to_dict(model_cfg),
+        "train_config": config_to_dict(train_cfg) if train_cfg else None,
+        "categories": categories,
+        "history": history,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "epoch": epoch,
+        "step": step,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and check a checkpoint; raises CheckpointError with the file name on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an uplvp checkpoint (expected format {FORMAT!r})")
+    state["model_config"] = config_from_dict(ModelConfig, state["model_config"])
+    if state.get("train_config"):
+        state["train_config"] = config_from_dict(TrainConfig, state["train_config"])
+    return state
+
+
+def load_model(path: str | Path, backbone_weights: str = "none") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from its checkpoint (no ImageNet weights needed: the checkpoint has them all)."""
+    from models.build import build_model
+
+    state = load_checkpoint(path)
+    cfg: ModelConfig = state["model_config"]
+    cfg.backbone_weights = backbone_weights  # type: ignore[assignment]
+    tcfg = state.get("train_config") or TrainConfig()
+    model = build_model(cfg, tcfg.short_side, tcfg.max_long_side)
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Initialise `model` from any earlier checkpoint, keeping only tensors whose shapes match.
+
+    Returns {"loaded": [...], "reinitialised": [...] (shape differs, e.g. a class head for
+    another vocabulary), "missing": [...] (not in the checkpoint), "unexpected": [...]}.
+    """
+    state = load_checkpoint(path)
+    src = state["model"]
+    own = model.state_dict()
+    matched = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    return {
+        "loaded": sorted(matched),
+        "reinitialised": sorted(k for k in src if k in own and own[k].shape != src[k].shape),
+        "missing": sorted(k for k in own if k not in src),
+        "unexpected": sorted(k for k in src if k not in own),
+    }

