@@ -59,3 +59,24 @@ class MobileNetV2Backbone(nn.Module):
         for i, stage in enumerate(self.stages):
             for p in stage.parameters():
                 p.requires_grad_(i >= frozen_stages)
+
+
+def fuse_conv_bn(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into the conv (inference only).
+
+    BatchNorm in eval mode is an affine map, so conv+BN is one conv with rescaled weights:
+    the same outputs with one pass over the feature map instead of two. Modifies `module`
+    in place and returns it; do not train or save a fused model.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.modules():
+        if not isinstance(child, nn.Sequential):
+            continue
+        names = list(child._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = child._modules[a], child._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
+                child._modules[a] = fuse_conv_bn_eval(conv, bn)
+                child._modules[b] = nn.Identity()
+    return module
