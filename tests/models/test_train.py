@@ -22,20 +22,25 @@ def voc(voc_coco):
     return ann
 
 
-def _tiny_run(voc, epochs, out, resume=None, seed=0):
+def _tiny_run(voc, epochs, out, resume=None, seed=0, stop_after=None):
     mcfg = ModelConfig(num_classes=len(voc.categories), **TINY)
     tcfg = TrainConfig(epochs=epochs, batch_size=1, short_side=96, max_long_side=128, warmup_iters=2, seed=seed)
     ds = CocoDataset(voc, TransformConfig(96, 128), train=True)
     torch.manual_seed(seed)
     model = build_model(mcfg)
-    state = train(model, ds, mcfg, tcfg, voc.categories.to_coco(), out=out, resume=resume,
-                  hooks=TrainHooks(progress=False))
+    done = []
+    hooks = TrainHooks(progress=False, on_epoch=lambda e: done.append(e["epoch"]),
+                       should_stop=lambda: stop_after is not None and stop_after in done)
+    try:
+        state = train(model, ds, mcfg, tcfg, voc.categories.to_coco(), out=out, resume=resume, hooks=hooks)
+    except TrainingCancelled:
+        state = None
     return model, state
 
 
 def test_checkpoint_round_trip_and_exact_resume(voc, tmp_path):
     straight, s_state = _tiny_run(voc, 3, tmp_path / "straight.pt")
-    _tiny_run(voc, 2, tmp_path / "part.pt")
+    _tiny_run(voc, 3, tmp_path / "part.pt", stop_after=2)  # interrupted after epoch 2
     ckpt = load_checkpoint(tmp_path / "part.pt")
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
     assert ckpt["categories"] == voc.categories.to_coco()
