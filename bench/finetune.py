@@ -130,6 +130,39 @@ def run_arm(args: argparse.Namespace) -> None:
           f"latency p50 {lat['end_to_end_ms_p50']:.0f} ms; peak RSS {rss:.0f} MB")
 
 
+def result_from_checkpoint(arm: str, args: argparse.Namespace, peak_rss_mb_seen: float | None) -> dict:
+    """Result of an arm stopped before its last epoch, rebuilt from the checkpoint saved after
+    every epoch (`final` is then the last completed epoch's evaluation)."""
+    import torch
+
+    from models.checkpoint import load_checkpoint
+
+    ckpt = ROOT / "runs" / "bench" / f"finetune_{arm}.pt"
+    state = load_checkpoint(ckpt)
+    hist = state["history"]
+    last = hist[-1]
+    tcfg = state["train_config"]
+    weights = state["model"]
+    return {
+        "arch": arm,
+        "stopped_early": f"{len(hist)} of {tcfg.epochs} epochs completed in the time available",
+        "train": {"dataset": "coco128", "epochs": len(hist), "planned_epochs": tcfg.epochs,
+                  "batch_size": tcfg.batch_size, "short_side": tcfg.short_side,
+                  "max_long_side": tcfg.max_long_side, "lr": tcfg.lr, "seed": tcfg.seed},
+        "val": {"dataset": "coco_mini_train"},
+        "history": hist,
+        "final": {"segm": {k: last.get(k) for k in ("AP", "AP50", "AP75")},
+                  "class_agnostic": {"AP": last.get("agnostic_AP"), "AP50": last.get("agnostic_AP50")}},
+        "train_wall_s": sum(e["train_time_s"] for e in hist),
+        "train_images_per_s": statistics.mean(e["images_per_s"] for e in hist),
+        "peak_rss_mb": peak_rss_mb_seen,
+        "params_m": sum(v.numel() for v in weights.values() if torch.is_floating_point(v)) / 1e6,
+        "checkpoint_mb": ckpt.stat().st_size / 2**20,
+        "weights_mb": sum(v.numel() * v.element_size() for v in weights.values()) / 2**20,
+        "machine": machine(),
+    }
+
+
 def fmt(v: float | None, pct: bool = True) -> str:
     return "–" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.0f}")
 
@@ -158,7 +191,7 @@ def report(arms: list[str]) -> None:
     for a, r in results.items():
         s, c, lat = r["final"]["segm"], r["final"]["class_agnostic"], r["latency"]
         lines.append(
-            f"| {a} | {r['train']['epochs']} | {fmt(s['AP'])} | {fmt(s['AP50'])} | {fmt(s['AP75'])} | {fmt(c['AP'])} "
+            f"| {a} | {r['train']['epochs']}{' of ' + str(r['train']['planned_epochs']) if 'planned_epochs' in r['train'] else ''} | {fmt(s['AP'])} | {fmt(s['AP50'])} | {fmt(s['AP75'])} | {fmt(c['AP'])} "
             f"| {fmt(c['AP50'])} | {statistics.median(e['images_per_s'] for e in r['history']):.2f} "
             f"| {r['peak_rss_mb']:.0f} "
             f"| {lat['end_to_end_ms_p50']:.0f} / {lat['end_to_end_ms_p90']:.0f} | {lat['forward_ms_p50']:.0f} "
@@ -198,12 +231,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency-images", type=int, default=40)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--from-checkpoint", metavar="ARM",
+                   help="write the result of an arm that was stopped early from its per-epoch checkpoint")
+    p.add_argument("--peak-rss-mb", type=float, help="with --from-checkpoint: the peak RSS observed (VmHWM)")
     p.add_argument("--latency-only", action="store_true",
                    help="re-measure latency of the saved checkpoints (on a quiet machine) and update the JSONs")
     args = p.parse_args()
     if args.arm:
         return run_arm(args)
     arms = args.arms.split(",")
+    if args.from_checkpoint:
+        result = result_from_checkpoint(args.from_checkpoint, args, args.peak_rss_mb)
+        result["latency"] = {}
+        (RESULTS / f"finetune_{args.from_checkpoint}.json").write_text(json.dumps(result, indent=2))
+        return
     if args.latency_only:
         from models.data import CocoAnnotations
 
