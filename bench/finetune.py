@@ -23,6 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT, machine, peak_rss_mb, require_data  # noqa: E402
 
 
+def checkpoint_path(arm: str) -> Path:
+    return ROOT / "runs" / "bench" / f"finetune_{arm}.pt"
+
+
 def latency(ckpt: Path, image_paths: list[Path], threads: int = 2) -> dict:
     """Per-image latency (batch 1, `threads` torch threads) of the user-facing inference path."""
     import torch
@@ -86,11 +90,13 @@ def run_arm(args: argparse.Namespace) -> None:
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
     n_params = sum(p.numel() for p in model.parameters())
     eval_times: list[float] = []
+    evaluations: list[dict] = []  # the last one (after the final epoch) is the final result
 
     def evaluate(m: torch.nn.Module) -> dict:
         t0 = time.perf_counter()
         metrics = evaluate_model(m, val_ann, val_set, batch_size=2, mask_threshold=mcfg.mask_threshold)
         eval_times.append(time.perf_counter() - t0)
+        evaluations.append(metrics)
         return metrics
 
     def on_epoch(e: dict) -> None:
@@ -98,13 +104,13 @@ def run_arm(args: argparse.Namespace) -> None:
               f"AP50 {e.get('AP50', float('nan')):.4f} agnostic AP {e.get('agnostic_AP', float('nan')):.4f} "
               f"{e['images_per_s']:.2f} img/s", flush=True)
 
-    ckpt = ROOT / "runs" / "bench" / f"finetune_{args.arm}.pt"
+    ckpt = checkpoint_path(args.arm)
     t0 = time.perf_counter()
     state = train(model, train_set, mcfg, tcfg, cats.to_coco(), out=ckpt, evaluate=evaluate,
                   hooks=TrainHooks(on_epoch=on_epoch, progress=False))
     wall = time.perf_counter() - t0
     rss = peak_rss_mb()
-    final = evaluate_model(model, val_ann, val_set, batch_size=2, mask_threshold=mcfg.mask_threshold)
+    final = evaluations[-1]  # train() always evaluates after the last epoch
     val_paths = [val_ann.image_path(im) for im in val_ann.images[: args.latency_images]]
     lat = latency(ckpt, val_paths, threads=args.threads)
     result = {
@@ -130,14 +136,14 @@ def run_arm(args: argparse.Namespace) -> None:
           f"latency p50 {lat['end_to_end_ms_p50']:.0f} ms; peak RSS {rss:.0f} MB")
 
 
-def result_from_checkpoint(arm: str, args: argparse.Namespace, peak_rss_mb_seen: float | None) -> dict:
+def result_from_checkpoint(arm: str, peak_rss_mb_seen: float | None) -> dict:
     """Result of an arm stopped before its last epoch, rebuilt from the checkpoint saved after
     every epoch (`final` is then the last completed epoch's evaluation)."""
     import torch
 
     from models.checkpoint import load_checkpoint
 
-    ckpt = ROOT / "runs" / "bench" / f"finetune_{arm}.pt"
+    ckpt = checkpoint_path(arm)
     state = load_checkpoint(ckpt)
     hist = state["history"]
     last = hist[-1]
@@ -221,7 +227,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", default="knet,maskrcnn")
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
-    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup-iters", type=int, default=100)
@@ -241,7 +247,7 @@ def main() -> None:
         return run_arm(args)
     arms = args.arms.split(",")
     if args.from_checkpoint:
-        result = result_from_checkpoint(args.from_checkpoint, args, args.peak_rss_mb)
+        result = result_from_checkpoint(args.from_checkpoint, args.peak_rss_mb)
         result["latency"] = {}
         (RESULTS / f"finetune_{args.from_checkpoint}.json").write_text(json.dumps(result, indent=2))
         return
@@ -255,7 +261,7 @@ def main() -> None:
         for arm in arms:
             path = RESULTS / f"finetune_{arm}.json"
             result = json.loads(path.read_text())
-            result["latency"] = latency(ROOT / "runs" / "bench" / f"finetune_{arm}.pt", paths, args.threads)
+            result["latency"] = latency(checkpoint_path(arm), paths, args.threads)
             path.write_text(json.dumps(result, indent=2))
             print(arm, result["latency"])
         args.report_only = True
@@ -263,7 +269,7 @@ def main() -> None:
         for arm in arms:
             cmd = [sys.executable, __file__, "--arm", arm] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k not in ("arms", "arm", "report_only")
+                if k not in ("arms", "arm", "report_only", "from_checkpoint", "peak_rss_mb", "latency_only")
             ]
             subprocess.run(cmd, check=True)
     report(arms)

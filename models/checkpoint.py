@@ -1,14 +1,14 @@
 """Checkpoints that carry everything needed to rebuild, resume or reuse a model.
 
 Contents: format tag, model and train configs, the category list (COCO ids and names),
-the training history, the weights, and (for resuming) optimizer state, step and RNG states.
+the training history, the weights, and (for resuming) optimizer state and step (the
+training loop re-seeds every epoch, so no RNG state is needed to resume exactly).
 Writes are atomic (temp file + fsync + rename) so a crash never leaves a half-written model.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,6 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer else None,
         "epoch": epoch,
         "step": step,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "extra": extra or {},
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -92,7 +92,7 @@ def train(
     ``model.compute_losses(batch.images, batch.targets)`` (pre-training adds prompts).
     Checkpoints go to `out` every cfg.checkpoint_every epochs and at the end.
     """
-    from models.data import collate, make_loader
+    from models.data import make_loader
 
     cfg.validate()
     hooks = hooks or TrainHooks()
