@@ -105,10 +105,15 @@ def run_arm(args: argparse.Namespace) -> None:
               f"{e['images_per_s']:.2f} img/s", flush=True)
 
     ckpt = checkpoint_path(args.arm)
-    t0 = time.perf_counter()
-    state = train(model, train_set, mcfg, tcfg, cats.to_coco(), out=ckpt, evaluate=evaluate,
+    resume = None
+    if args.resume and ckpt.exists():
+        from models.checkpoint import load_checkpoint
+
+        # per-epoch seeding makes the continuation identical to an uninterrupted run
+        resume = load_checkpoint(ckpt)
+        print(f"[{args.arm}] resuming after epoch {resume['epoch']}", flush=True)
+    state = train(model, train_set, mcfg, tcfg, cats.to_coco(), out=ckpt, evaluate=evaluate, resume=resume,
                   hooks=TrainHooks(on_epoch=on_epoch, progress=False))
-    wall = time.perf_counter() - t0
     rss = peak_rss_mb()
     final = evaluations[-1]  # train() always evaluates after the last epoch
     val_paths = [val_ann.image_path(im) for im in val_ann.images[: args.latency_images]]
@@ -121,7 +126,8 @@ def run_arm(args: argparse.Namespace) -> None:
         "val": {"dataset": "coco_mini_train", "images": len(val_ann.images)},
         "history": state.history,
         "final": final,
-        "train_wall_s": wall - sum(eval_times),
+        "train_wall_s": sum(e["train_time_s"] for e in state.history),
+        "resumed_after_epoch": resume["epoch"] if resume else None,
         "train_images_per_s": statistics.mean(e["images_per_s"] for e in state.history),
         "peak_rss_mb": rss,
         "latency": lat,
@@ -237,6 +243,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency-images", type=int, default=40)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each arm from its per-epoch checkpoint in runs/bench (when there is one)")
     p.add_argument("--from-checkpoint", metavar="ARM",
                    help="write the result of an arm that was stopped early from its per-epoch checkpoint")
     p.add_argument("--peak-rss-mb", type=float, help="with --from-checkpoint: the peak RSS observed (VmHWM)")
@@ -269,8 +277,9 @@ def main() -> None:
         for arm in arms:
             cmd = [sys.executable, __file__, "--arm", arm] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k not in ("arms", "arm", "report_only", "from_checkpoint", "peak_rss_mb", "latency_only")
-            ]
+                if k not in ("arms", "arm", "report_only", "from_checkpoint", "peak_rss_mb", "latency_only",
+                             "resume")
+            ] + (["--resume"] if args.resume else [])
             subprocess.run(cmd, check=True)
     report(arms)
 
