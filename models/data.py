@@ -103,9 +103,13 @@ class CocoAnnotations:
     COCOeval reads both and would otherwise fail with a KeyError deep inside pycocotools.
     """
 
-    def __init__(self, ann_file: str | Path, image_root: str | Path, categories: CategoryMap | None = None) -> None:
+    def __init__(self, ann_file: str | Path, image_root: str | Path, categories: CategoryMap | None = None,
+                 skip_missing: bool = False) -> None:
         self.ann_file = Path(ann_file)
         self.image_root = Path(image_root)
+        self.skip_missing = skip_missing  # drop (and list in `missing`) images whose file is absent
+        self.missing: list[str] = []
+        self._skipped_ids: set[int] = set()
         raw = self._read()
         file_cats = self._check_categories(raw["categories"])
         images = self._check_images(raw["images"])
@@ -185,6 +189,11 @@ class CocoAnnotations:
                 raise self._fail(f"image id {im['id']} appears twice")
             seen.add(im["id"])
         missing = [im["file_name"] for im in images if not (self.image_root / im["file_name"]).is_file()]
+        if missing and self.skip_missing and len(missing) < len(images):
+            self.missing = missing
+            gone = set(missing)
+            self._skipped_ids = {im["id"] for im in images if im["file_name"] in gone}
+            return [im for im in images if im["file_name"] not in gone]
         if missing:
             raise self._fail(f"{len(missing)} of {len(images)} image files not found under {self.image_root}: "
                              + ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
@@ -203,6 +212,8 @@ class CocoAnnotations:
             if aid in ann_ids:
                 raise self._fail(f"annotation id {aid} appears twice")
             ann_ids.add(aid)
+            if a.get("image_id") in self._skipped_ids:
+                continue  # its image file is missing and skip_missing is on
             if a.get("image_id") not in images:
                 raise self._fail(f"annotation {aid} points at image id {_short(a.get('image_id'))}, "
                                  "which is not in 'images'")

@@ -6,6 +6,7 @@ Shapes: B images, N kernels, C channels (config.width), K classes, (h, w) = stri
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from models.config import ModelConfig
 from models.neck import FPN, SemanticFPN, conv_gn_relu
 
 KNetOutputs = dict  # {"init_masks": [B,N,h,w], "sem_seg": [B,K,h,w], "stages": [{"masks","logits"}] * S}
+# prompts added to the initial kernels: a tensor [B,N,C] or (pyramid, kernels [B,N,C]) -> [B,N,C]
+PromptSource = torch.Tensor | Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None
 
 
 def mask_pool(masks: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -103,9 +106,11 @@ class KernelUpdateStage(nn.Module):
 class KNet(nn.Module):
     """MobileNetV2 + FPN + semantic FPN + initial kernels + S update stages.
 
-    forward(images [B,3,H,W], kernel_prompts [B,N,C] | None) -> KNetOutputs with masks at
-    stride 8 (logits). `kernel_prompts` (UPLVP pre-training only) are added to the initial
-    kernels after the initial masks are made, so the initial-kernel losses never see them.
+    forward(images [B,3,H,W], kernel_prompts) -> KNetOutputs with masks at stride 8 (logits).
+    `kernel_prompts` (UPLVP pre-training only): None, a tensor [B,N,C], or a callable
+    (FPN levels P2..P5, initial kernels [B,N,C]) -> [B,N,C] (models.prompts.Prompter). The
+    prompts are added to the initial kernels after the initial masks are made, so the
+    initial-kernel losses (and the stage-1 assignment, made on the initial masks) never see them.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -130,13 +135,15 @@ class KNet(nn.Module):
         loc, sem = self.sem_fpn(pyramid)
         return pyramid, self.loc_conv(loc), self.seg_conv(sem)
 
-    def forward(self, images: torch.Tensor, kernel_prompts: torch.Tensor | None = None) -> KNetOutputs:
-        _, loc, sem = self.features(images)
+    def forward(self, images: torch.Tensor, kernel_prompts: PromptSource = None) -> KNetOutputs:
+        pyramid, loc, sem = self.features(images)
         init_masks = self.init_kernels(loc)  # [B,N,h,w]
         sem_seg = self.conv_seg(sem)  # [B,K,h,w]
         x = sem + loc
         weight = self.init_kernels.weight.flatten(1)  # [N,C]
         kernels = weight.unsqueeze(0) + mask_pool(init_masks, x)  # [B,N,C]
+        if callable(kernel_prompts):
+            kernel_prompts = kernel_prompts(pyramid, kernels)
         if kernel_prompts is not None:
             kernels = kernels + kernel_prompts
         masks = init_masks
@@ -165,7 +172,7 @@ class KNetSegmenter(nn.Module):
         return self.net.backbone
 
     def compute_losses(
-        self, images: torch.Tensor, targets: list[dict], kernel_prompts: torch.Tensor | None = None
+        self, images: torch.Tensor, targets: list[dict], kernel_prompts: PromptSource = None
     ) -> dict[str, torch.Tensor]:
         losses = self.criterion(self.net(images, kernel_prompts), targets)
         losses["loss"] = self.criterion.total(losses)

@@ -1,7 +1,9 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from models.demo_data import write_voc_demo
 
@@ -30,3 +32,27 @@ def write_coco(tmp_path):
         return path, images
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> Image.Image:
+    """scikit-image's cat photo (300 x 451)."""
+    from skimage import data
+
+    return Image.fromarray(data.chelsea())
+
+
+@pytest.fixture(scope="session")
+def cat_region() -> np.ndarray:
+    """A rough hand-checked region of the cat in `chelsea`: everything left of x = 380
+    (the right strip is the blurred room behind it)."""
+    m = np.zeros((300, 451), dtype=bool)
+    m[:, 30:380] = True
+    return m
+
+
+@pytest.fixture(scope="session")
+def offline_engine():
+    from models.proposals import build_engine
+
+    return build_engine("offline", ["cat", "dog", "car", "person"])
