@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT, machine, require_data  # noqa: E402
 
 WORK = ROOT / "runs" / "bench" / "lowdata"
+STEM = "lowdata"  # result files bench/results/<STEM>.{json,md} and <STEM>_curves.png
 FRACTIONS = (25, 50, 100)
 
 
@@ -126,8 +127,9 @@ def run(args: argparse.Namespace) -> None:
             ("none", 50, 0), ("none", 50, 1), ("fixed", 50, 0), ("fixed", 50, 1),
             ("maskrcnn", 50, 0), ("maskrcnn", 25, 0), ("maskrcnn", 100, 0)]
     wanted = set(args.arms.split(","))
+    fractions = {int(f) for f in args.fractions.split(",")}
     for arm, fraction, seed in plan:
-        if arm in wanted:
+        if arm in wanted and fraction in fractions:
             finetune(arm, fraction, seed)
             report(args)
 
@@ -140,12 +142,14 @@ def _history(path: Path) -> list[dict]:
 
 def report(args: argparse.Namespace) -> None:
     """Collect every finished (or partial) run into lowdata.json, lowdata.md and lowdata_curves.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs: dict[str, dict[int, dict[int, list[dict]]]] = {}
+    if not any(WORK.glob("ft_*_s*.pt")) and (RESULTS / f"{STEM}.json").exists():
+        # No work dir (a fresh clone): re-render the committed results instead of reading checkpoints.
+        saved = json.loads((RESULTS / f"{STEM}.json").read_text())
+        runs = {arm: {int(fr): {int(s): h for s, h in seeds.items()} for fr, seeds in by_fr.items()}
+                for arm, by_fr in saved["runs"].items()}
+        render(args, runs, saved["pretrain"], saved["timings"], saved["pool"], saved["machine"])
+        return
     for f in sorted(WORK.glob("ft_*_s*.pt")):
         arm, fraction, seed = f.stem[3:].rsplit("_", 2)
         runs.setdefault(arm, {}).setdefault(int(fraction), {})[int(seed[1:])] = _history(f)
@@ -161,10 +165,21 @@ def report(args: argparse.Namespace) -> None:
     if pseudo.exists():
         p = json.loads(pseudo.read_text())
         pool = {"images": len(p["images"]), "pseudo_masks": len(p["annotations"]), "skipped": len(p["skipped"])}
+    render(args, runs, pre, timings, pool, machine())
+
+
+def render(args: argparse.Namespace, runs: dict[str, dict[int, dict[int, list[dict]]]], pre: dict, timings: dict,
+           pool: dict, machine_info: dict) -> None:
+    """Write lowdata.json, lowdata.md and lowdata_curves.png from the collected histories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     result = {"settings": {k: v for k, v in vars(args).items() if k != "report_only"}, "pool": pool,
-              "pretrain": pre, "timings": timings, "runs": runs, "machine": machine()}
+              "pretrain": pre, "timings": timings, "runs": runs, "machine": machine_info}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lowdata.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{STEM}.json").write_text(json.dumps(result, indent=2))
 
     def final(h: list[dict], key: str) -> float:
         return h[-1].get(key) or 0.0
@@ -194,7 +209,8 @@ def report(args: argparse.Namespace) -> None:
              "| arm | labelled | seeds | mask AP % | AP50 % | class-agn. AP % | final train loss "
              "| epochs to vanilla's final AP50 |",
              "|---|---|---|---|---|---|---|---|"]
-    for fraction in FRACTIONS:
+    shown = [f for f in FRACTIONS if any(f in by_fraction for by_fraction in runs.values())]
+    for fraction in shown:
         target = mean("vanilla", fraction, "AP50")
         if not target or target < 0.001:  # vanilla below 0.1 % AP50 learnt nothing: reaching it says nothing
             target = None
@@ -214,10 +230,10 @@ def report(args: argparse.Namespace) -> None:
               "or the arm never reaches it. Final train loss: the fine-tuning loss of the last epoch (mean over seeds)."]
     if "propose_s" in timings:
         lines += ["", f"Proposing pseudo masks for the pool took {timings['propose_s']:.0f} s."]
-    (RESULTS / "lowdata.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{STEM}.md").write_text("\n".join(lines) + "\n")
 
-    fig, axes = plt.subplots(1, len(FRACTIONS), figsize=(5 * len(FRACTIONS), 4), squeeze=False)
-    for ax, fraction in zip(axes[0], FRACTIONS):
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), squeeze=False)
+    for ax, fraction in zip(axes[0], shown):
         for arm, by_fraction in runs.items():
             for seed, h in sorted(by_fraction.get(fraction, {}).items()):
                 ax.plot([e["epoch"] for e in h], [100 * (e.get("AP50") or 0) for e in h], marker="o",
@@ -226,7 +242,7 @@ def report(args: argparse.Namespace) -> None:
         ax.set_xlabel("fine-tuning epoch")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "lowdata_curves.png", dpi=100)
+    fig.savefig(RESULTS / f"{STEM}_curves.png", dpi=100)
     print("\n".join(lines), flush=True)
 
 
@@ -242,8 +258,14 @@ def main() -> None:
     p.add_argument("--pretrain-lr", type=float, default=2e-4)
     p.add_argument("--slots", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fractions", default="25,50,100", help="labelled fractions of coco128 to run (%%)")
+    p.add_argument("--tag", default="", help="a separate experiment: work dir runs/bench/lowdata_<tag>, "
+                   "results bench/results/lowdata_<tag>.*")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    global WORK, STEM
+    if args.tag:
+        WORK, STEM = WORK.with_name(f"lowdata_{args.tag}"), f"lowdata_{args.tag}"
     if args.report_only:
         report(args)
     else:
