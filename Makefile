@@ -26,7 +26,7 @@ test: setup
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
 run: setup
-	$(PY) -m models.cli demo
+	$(PY) -m models.cli serve
 
 # The benchmarks read ../shared/data (or $$UPLVP_BENCH_DATA); run them one at a time: two torch
 # jobs on 2 cores slow each other several-fold.

@@ -56,3 +56,6 @@ def offline_engine():
     from models.proposals import build_engine
 
     return build_engine("offline", ["cat", "dog", "car", "person"])
+
+# The service fixtures (real Redis, real Celery worker); they start only when a test asks for them.
+pytest_plugins = ["tests.service_fixtures"]

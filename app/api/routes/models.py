@@ -1,0 +1,80 @@
+"""Models: list, versions, promote (production alias; rollback = promote an older one), delete, download."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse
+
+from app.api.deps import RegistryDep
+from app.core.errors import ApiError
+from app.registry import Conflict, NotFound, Registry
+from app.schemas import ErrorResponse, ModelDetail, ModelSummary, ModelVersion
+
+router = APIRouter(prefix="/models", tags=["models"])
+NOT_FOUND = {404: {"model": ErrorResponse}}
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except NotFound as exc:
+        msg = exc.args[0]
+        raise ApiError(404, "unknown_version" if "version" in msg else "unknown_model", f"{msg}; see GET /models") from None
+    except Conflict as exc:
+        raise ApiError(409, "version_in_use", str(exc)) from None
+
+
+def _summary(registry: Registry, name: str) -> dict[str, Any]:
+    versions = _call(registry.versions, name)
+    return {"name": name, "versions": versions, "aliases": registry.aliases(name),
+            "latest": versions[-1] if versions else None}
+
+
+@router.get("", response_model=list[ModelSummary], summary="All models with their versions and aliases")
+def list_models(registry: RegistryDep) -> list[dict[str, Any]]:
+    """Oldest model first."""
+    return [_summary(registry, n) for n in registry.model_names()]
+
+
+@router.get("/{name}", response_model=ModelDetail, responses=NOT_FOUND, summary="One model and all its versions")
+def get_model(name: str, registry: RegistryDep) -> dict[str, Any]:
+    """Versions ascending, with metrics."""
+    s = _summary(registry, name)
+    return {**s, "items": [registry.get_version(name, v) for v in s["versions"]]}
+
+
+@router.get("/{name}/versions/{version}", response_model=ModelVersion, responses=NOT_FOUND,
+            summary="A version: metrics, parent, dataset digest, created_at, size")
+def get_version(name: str, version: int, registry: RegistryDep) -> dict[str, Any]:
+    """One version's record."""
+    return _call(registry.get_version, name, version)
+
+
+@router.post("/{name}/versions/{version}/promote", response_model=ModelVersion, responses=NOT_FOUND,
+             summary="Make this version production (to roll back, promote an older one)")
+def promote(name: str, version: int, registry: RegistryDep) -> dict[str, Any]:
+    """POST /segment without a version uses it from now on."""
+    return _call(registry.promote, name, version)
+
+
+@router.delete("/{name}/versions/{version}", status_code=204,
+               responses={**NOT_FOUND, 409: {"model": ErrorResponse}},
+               summary="Delete a version (refused while it is production or the base of an active job)")
+def delete_version(name: str, version: int, registry: RegistryDep) -> Response:
+    """The artifact file goes too."""
+    _call(registry.delete_version, name, version)
+    return Response(status_code=204)
+
+
+@router.get("/{name}/versions/{version}/download", responses={**NOT_FOUND, 200: {"content": {"application/octet-stream": {}}}},
+            summary="The checkpoint file (loads with `uplvp segment --model`)")
+def download(name: str, version: int, registry: RegistryDep) -> FileResponse:
+    """The checkpoint, with its sha256 in X-Checksum-Sha256."""
+    rec = _call(registry.get_version, name, version)
+    path = registry.artifact_path(rec)
+    if not path.is_file():
+        raise ApiError(404, "artifact_missing", f"{name} v{version}: the checkpoint file is missing from the data dir")
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-v{version}.pt",
+                        headers={"X-Checksum-Sha256": rec["sha256"]})

@@ -1,0 +1,88 @@
+"""POST /segment: run a registered model on images (on the `infer` queue) and answer synchronously."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Annotated, Any, Literal
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+from fastapi import APIRouter, File, Form, Response, UploadFile
+from PIL import Image, UnidentifiedImageError
+
+from app.api.deps import CeleryDep, RegistryDep, SettingsDep
+from app.core.errors import ApiError
+from app.dataset import PIL_FORMATS
+from app.registry import NotFound, Registry
+from app.schemas import ErrorResponse, SegmentResponse
+from worker.celery_app import SEGMENT_TASK
+
+router = APIRouter(tags=["segment"])
+
+
+def resolve_model(registry: Registry, model: str, version: int | None) -> dict[str, Any]:
+    """The version record, or a 404 naming the unknown model or version."""
+    try:
+        return registry.resolve(model, version)
+    except NotFound as exc:
+        msg = exc.args[0]
+        code = "unknown_version" if "version" in msg else "unknown_model"
+        raise ApiError(404, code, f"{msg}; see GET /models") from None
+
+
+@router.post("/segment", response_model=SegmentResponse,
+             responses={200: {"content": {"image/png": {}}, "description": "instances (json) or an overlay (png)"},
+                        400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                        413: {"model": ErrorResponse}, 504: {"model": ErrorResponse}},
+             summary="Segment images with a model version (default: production, else latest)")
+def post_segment(
+    registry: RegistryDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    images: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, BMP, TIFF, WebP)")],
+    model: Annotated[str, Form(examples=["shelves"])],
+    version: Annotated[int | None, Form(ge=1, description="default: the production version, else the latest")] = None,
+    score_threshold: Annotated[float, Form(ge=0.0, le=1.0)] = 0.3,
+    format: Annotated[Literal["json", "png"], Form(description="json: instances; png: an overlay (one image)")] = "json",
+) -> Any:
+    """Instances per image (category, score, bbox, RLE, polygons) or a PNG overlay."""
+    rec = resolve_model(registry, model, version)
+    if len(images) > settings.max_segment_images:
+        raise ApiError(400, "too_many_images", f"{len(images)} images sent; at most {settings.max_segment_images} "
+                       "per request (UPLVP_MAX_SEGMENT_IMAGES)")
+    if format == "png" and len(images) != 1:
+        raise ApiError(400, "png_needs_one_image", f"format=png returns one overlay: send exactly one image "
+                       f"(got {len(images)}), or use format=json")
+    cap, total = int(settings.max_upload_mb * 2**20), 0
+    payload: list[list[str]] = []
+    for i, up in enumerate(images):
+        data = up.file.read()
+        total += len(data)
+        if total > cap:
+            raise ApiError(413, "upload_too_large", f"images larger than {settings.max_upload_mb:g} MB in total")
+        name = up.filename or f"image_{i}"
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+        except (UnidentifiedImageError, OSError):
+            raise ApiError(400, "unsupported_image", f"{name} is not an image this service reads; send JPEG, PNG, "
+                           "BMP, TIFF or WebP files", [{"file": name}]) from None
+        if fmt not in PIL_FORMATS:
+            raise ApiError(400, "unsupported_image", f"{name} is {fmt}; send JPEG, PNG, BMP, TIFF or WebP",
+                           [{"file": name, "format": fmt}])
+        payload.append([name, base64.b64encode(data).decode("ascii")])
+    timeout = settings.segment_timeout_s
+    res = celery.send_task(SEGMENT_TASK, args=[rec["artifact"], rec["sha256"], payload, score_threshold, format],
+                           queue="infer", expires=timeout)
+    try:
+        out = res.get(timeout=timeout)
+    except CeleryTimeout:
+        res.forget()
+        raise ApiError(504, "segment_timeout", f"no infer worker answered within {timeout:g} s "
+                       "(UPLVP_SEGMENT_TIMEOUT_S); check GET /readyz") from None
+    if "error" in out:
+        raise ApiError(400, out["error"]["code"], out["error"]["message"])
+    headers = {"X-Model": rec["name"], "X-Model-Version": str(rec["version"])}
+    if format == "png":
+        return Response(base64.b64decode(out["results"][0]["png_base64"]), media_type="image/png", headers=headers)
+    return SegmentResponse(model=rec["name"], version=rec["version"], images=out["results"])

@@ -1,0 +1,68 @@
+"""Service settings (pydantic-settings), read from the environment and validated at start.
+
+The API and the worker read the same settings; every name is listed in README.md ("The service").
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Environment configuration. Env names: REDIS_URL and UPLVP_* (see `env_names`)."""
+
+    model_config = SettingsConfigDict(env_prefix="UPLVP_", extra="ignore", populate_by_name=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "UPLVP_REDIS_URL"),
+                           description="Redis: Celery broker, result backend, job and model registry")
+    data_dir: Path = Field(Path("data"), description="uploads, job work dirs and model artifacts (share it between machines)")
+    max_upload_mb: float = Field(500.0, gt=0, description="cap on one uploaded dataset zip / image batch (413 above)")
+    max_zip_members: int = Field(20000, gt=0, description="cap on the number of files in a dataset zip")
+    max_unzipped_mb: float = Field(4000.0, gt=0, description="cap on the total uncompressed size of a dataset zip")
+    max_compression_ratio: float = Field(200.0, gt=1, description="per-member cap (zip-bomb guard)")
+    job_time_limit_s: int = Field(6 * 3600, gt=0, description="soft time limit of one fine-tuning job")
+    segment_timeout_s: float = Field(60.0, gt=0, description="POST /segment waits this long for the infer worker")
+    max_segment_images: int = Field(16, gt=0, description="images per POST /segment request")
+    model_cache_size: int = Field(4, gt=0, description="models an infer worker keeps loaded (LRU)")
+    worker_threads: int = Field(0, ge=0, description="torch threads in the worker (0: torch's default)")
+    job_lock_ttl_s: int = Field(300, gt=10, description="expiry of a job's run lock (refreshed every training step)")
+    heartbeat_s: int = Field(10, gt=0, description="worker heartbeat period; a worker counts as alive for 3 periods")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        return self
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Redis redelivers unacked messages after this; it must exceed the longest job (+1 h margin)."""
+        return self.job_time_limit_s + 3600
+
+    @classmethod
+    def env_names(cls) -> set[str]:
+        """Every environment variable these settings read."""
+        names: set[str] = set()
+        for name, f in cls.model_fields.items():
+            alias = f.validation_alias
+            if isinstance(alias, AliasChoices):
+                names.update(str(a) for a in alias.choices)
+            else:
+                names.add(f"UPLVP_{name.upper()}")
+        return names
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (validated on first use)."""
+    return Settings()

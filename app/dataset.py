@@ -1,0 +1,285 @@
+"""Torch-free checks of an uploaded COCO dataset zip, done in the API before a job is queued.
+
+1. Zip safety: it is a zip; member count, total uncompressed size and per-member compression
+   ratio are capped; absolute names, ``..``, drive letters and symlinks are refused; members are
+   streamed out with a byte counter (sizes in headers can lie) into a fresh directory.
+2. Layout: one COCO instances JSON (train), or two named ``*train*`` / ``*val*`` (a val split);
+   the image folder is found next to the JSON (itself, ``images/``, ``<stem>/``, the zip root).
+3. COCO schema and references: ids, names, image_id / category_id references, a segmentation on
+   every annotation, every image file present with a supported extension and a header Pillow
+   recognises.
+
+Every problem found (up to a cap) is reported, so a user fixes the zip once. Deep checks
+(polygon/RLE decoding, pixel data) are left to the worker's models.data.CocoAnnotations.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+PIL_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "MPO"}
+MAX_PROBLEMS = 20
+MAX_JSON_BYTES = 512 * 2**20
+
+
+class DatasetError(Exception):
+    """The upload cannot be used; `code` is the API error code, `problems` the list of {file, problem}."""
+
+    def __init__(self, code: str, message: str, problems: list[dict[str, str]] | None = None,
+                 status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.message, self.problems, self.status = code, message, problems or [], status
+
+
+@dataclass
+class ZipLimits:
+    """Caps applied before and while extracting."""
+
+    max_members: int = 20000
+    max_total_bytes: int = 4000 * 2**20
+    max_ratio: float = 200.0
+
+
+@dataclass
+class DatasetLayout:
+    """Where the validated dataset lives (paths relative to the extraction root) and what it holds."""
+
+    train_ann: str
+    train_images: str
+    val_ann: str | None = None
+    val_images: str | None = None
+    num_images: int = 0
+    num_annotations: int = 0
+    categories: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (stored in the job record)."""
+        return dict(self.__dict__)
+
+
+def _unsafe_name(name: str) -> str | None:
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "is an absolute path"
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if ".." in parts:
+        return "contains '..'"
+    return None
+
+
+def safe_extract(zip_path: str | Path, dest: str | Path, limits: ZipLimits) -> list[Path]:
+    """Check and extract a zip into `dest` (created; must not exist). Returns the files written."""
+    zip_path, dest = Path(zip_path), Path(dest)
+    if not zipfile.is_zipfile(zip_path):
+        raise DatasetError("not_a_zip", "the uploaded 'dataset' is not a zip file; upload a .zip holding a COCO "
+                           "instances JSON and its images")
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetError("not_a_zip", f"the uploaded 'dataset' is not a readable zip file ({exc})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > limits.max_members:
+            raise DatasetError("zip_too_large", f"the zip has {len(infos)} members; at most {limits.max_members} "
+                               "are accepted", status=413)
+        total = sum(i.file_size for i in infos)
+        if total > limits.max_total_bytes:
+            raise DatasetError("zip_too_large", f"the zip unpacks to {total / 2**20:.0f} MB; at most "
+                               f"{limits.max_total_bytes / 2**20:.0f} MB are accepted", status=413)
+        problems: list[dict[str, str]] = []
+        for i in infos:
+            why = _unsafe_name(i.filename)
+            mode = (i.external_attr >> 16) & 0xFFFF
+            if why is None and stat.S_ISLNK(mode):
+                why = "is a symbolic link"
+            if why is None and i.compress_size and i.file_size / max(1, i.compress_size) > limits.max_ratio:
+                why = f"has a compression ratio above {limits.max_ratio:.0f} (zip bomb guard)"
+            if why:
+                problems.append({"file": i.filename, "problem": f"member {why}"})
+        if problems:
+            raise DatasetError("unsafe_zip", f"the zip has {len(problems)} unsafe member(s), e.g. "
+                               f"{problems[0]['file']!r} {problems[0]['problem'][7:]}; rebuild it with relative "
+                               "paths and regular files only", problems[:MAX_PROBLEMS])
+        dest.mkdir(parents=True, exist_ok=False)
+        root = dest.resolve()
+        written: list[Path] = []
+        budget = limits.max_total_bytes
+        for i in infos:
+            if i.is_dir():
+                continue
+            target = (root / i.filename.replace("\\", "/")).resolve()
+            if not target.is_relative_to(root):
+                raise DatasetError("unsafe_zip", f"zip member {i.filename!r} would land outside the dataset folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(i) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    budget -= len(chunk)
+                    if budget < 0:
+                        raise DatasetError("zip_too_large", "the zip unpacks to more than "
+                                           f"{limits.max_total_bytes / 2**20:.0f} MB", status=413)
+                    out.write(chunk)
+            written.append(target)
+    return written
+
+
+def _hidden(rel: Path) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in rel.parts)
+
+
+def _load_json(path: Path) -> tuple[Any, str | None]:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        return None, f"larger than {MAX_JSON_BYTES // 2**20} MB"
+    try:
+        return json.loads(path.read_bytes()), None
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"not valid JSON ({exc})"
+
+
+def _coco_shape_problem(raw: Any) -> str | None:
+    if not isinstance(raw, dict):
+        return "not a COCO instances file (the top level must be an object)"
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(raw.get(k), list)]
+    if missing:
+        return f"not a COCO instances file: {', '.join(repr(k) for k in missing)} must be list(s)"
+    return None
+
+
+def _find_image_root(ann: Path, raw: dict, root: Path) -> Path:
+    names = [im["file_name"] for im in raw["images"] if isinstance(im, dict) and isinstance(im.get("file_name"), str)]
+    candidates = [ann.parent, ann.parent / "images", ann.parent / ann.stem, root, root / "images",
+                  ann.parent.parent / "images", ann.parent.parent]
+    seen: list[Path] = []
+    for c in candidates:
+        if c.is_dir() and c.resolve().is_relative_to(root) and c not in seen:
+            seen.append(c)
+    if not names:
+        return seen[0]
+    best = max(seen, key=lambda c: sum((c / n).is_file() for n in names[:200]))
+    return best
+
+
+def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: list[dict[str, str]]) -> int:
+    """Append schema/reference problems; returns the number of annotations."""
+    fname = str(ann.relative_to(root))
+
+    def add(code: str, msg: str) -> None:
+        if len(problems) < MAX_PROBLEMS:
+            problems.append({"file": fname, "code": code, "problem": msg})
+
+    cat_ids: set[int] = set()
+    cat_names: set[str] = set()
+    for c in raw["categories"]:
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
+            add("invalid_coco", f"category {str(c)[:60]} needs an integer 'id' and a string 'name'")
+            continue
+        if c["id"] in cat_ids or c["name"] in cat_names:
+            add("invalid_coco", f"category {c['id']} / {c['name']!r} appears twice")
+        cat_ids.add(c["id"])
+        cat_names.add(c["name"])
+    if not raw["categories"]:
+        add("invalid_coco", "'categories' is empty")
+    if not raw["images"]:
+        add("invalid_coco", "'images' is empty")
+    image_ids: set[int] = set()
+    for im in raw["images"]:
+        if not isinstance(im, dict) or not all(k in im for k in ("id", "file_name", "height", "width")):
+            add("invalid_coco", f"image entry {str(im)[:60]} needs 'id', 'file_name', 'height' and 'width'")
+            continue
+        if not isinstance(im["id"], int) or im["id"] in image_ids:
+            add("invalid_coco", f"image id {im['id']!r} is not an integer or appears twice")
+            continue
+        image_ids.add(im["id"])
+        name = im["file_name"]
+        if not isinstance(name, str) or not name or _unsafe_name(name):
+            add("invalid_coco", f"image {im['id']}: file_name {name!r} must be a relative path")
+            continue
+        path = image_root / name
+        if not path.is_file():
+            add("missing_images", f"image {im['id']}: {name} is referenced but not in the zip "
+                f"(looked under {image_root.relative_to(root).as_posix() or '.'}/)")
+            continue
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            add("unsupported_image", f"image {im['id']}: {name} has an unsupported type; use one of "
+                + ", ".join(IMAGE_EXTENSIONS))
+            continue
+        try:
+            with Image.open(path) as pil:
+                fmt = pil.format
+        except (UnidentifiedImageError, OSError) as exc:
+            add("unsupported_image", f"image {im['id']}: {name} is not a readable image ({exc})")
+            continue
+        if fmt not in PIL_FORMATS:
+            add("unsupported_image", f"image {im['id']}: {name} is {fmt}, which is not supported")
+    for pos, a in enumerate(raw["annotations"]):
+        if not isinstance(a, dict):
+            add("invalid_coco", f"annotation #{pos} is not an object")
+            continue
+        aid = a.get("id", f"#{pos}")
+        if a.get("image_id") not in image_ids:
+            add("invalid_coco", f"annotation {aid} points at image id {a.get('image_id')!r}, which is not in 'images'")
+        if a.get("category_id") not in cat_ids:
+            add("invalid_coco", f"annotation {aid} has category_id {a.get('category_id')!r}, "
+                "which is not in 'categories'")
+        if "segmentation" not in a:
+            add("invalid_coco", f"annotation {aid} has no 'segmentation' (polygons or RLE)")
+    if not raw["annotations"]:
+        add("invalid_coco", "'annotations' is empty: there is nothing to learn from")
+    return len(raw["annotations"])
+
+
+def inspect_dataset(root: str | Path) -> DatasetLayout:
+    """Find and check the COCO annotations and images of an extracted dataset."""
+    root = Path(root).resolve()
+    jsons = sorted(p for p in root.rglob("*.json") if p.is_file() and not _hidden(p.relative_to(root)))
+    if not jsons:
+        raise DatasetError("no_annotations", "the zip has no annotations JSON; add a COCO instances file "
+                           "(e.g. annotations.json) next to the images")
+    coco: dict[Path, dict] = {}
+    rejected: list[dict[str, str]] = []
+    for p in jsons:
+        raw, err = _load_json(p)
+        err = err or _coco_shape_problem(raw)
+        if err:
+            rejected.append({"file": str(p.relative_to(root)), "code": "not_coco", "problem": err})
+        else:
+            coco[p] = raw
+    if not coco:
+        first = rejected[0]
+        raise DatasetError("not_coco", f"{first['file']}: {first['problem']}; the zip needs a COCO instances JSON "
+                           "with 'images', 'annotations' and 'categories'", rejected[:MAX_PROBLEMS])
+    if len(coco) == 1:
+        train, val = next(iter(coco)), None
+    else:
+        trains = [p for p in coco if "train" in p.name.lower()]
+        vals = [p for p in coco if "val" in p.name.lower()]
+        if len(trains) != 1 or len(vals) != 1 or len(coco) > 2:
+            names = ", ".join(str(p.relative_to(root)) for p in coco)
+            raise DatasetError("ambiguous_annotations", f"the zip has {len(coco)} COCO files ({names}); keep one, "
+                               "or exactly two named *train*.json and *val*.json")
+        train, val = trains[0], vals[0]
+    problems: list[dict[str, str]] = []
+    train_images = _find_image_root(train, coco[train], root)
+    n_ann = _check_coco(train, coco[train], train_images, root, problems)
+    val_images = None
+    if val is not None:
+        val_images = _find_image_root(val, coco[val], root)
+        _check_coco(val, coco[val], val_images, root, problems)
+    if problems:
+        code = problems[0]["code"]
+        more = f" (and {len(problems) - 1} more problem(s), see details)" if len(problems) > 1 else ""
+        raise DatasetError(code, f"{problems[0]['file']}: {problems[0]['problem']}{more}", problems)
+    names = [c["name"] for c in coco[train]["categories"]]
+    return DatasetLayout(
+        train_ann=str(train.relative_to(root)), train_images=str(train_images.relative_to(root)),
+        val_ann=str(val.relative_to(root)) if val else None,
+        val_images=str(val_images.relative_to(root)) if val_images else None,
+        num_images=len(coco[train]["images"]), num_annotations=n_ann, categories=names)

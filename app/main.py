@@ -1,0 +1,38 @@
+"""FastAPI application factory: ``uvicorn --factory app.main:create_app``."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app.api.routes import finetune, health, jobs, models, segment
+from app.core.config import Settings, get_settings
+from app.core.errors import install_error_handlers
+from app.registry import Registry, connect
+from app.schemas import ErrorResponse
+
+DESCRIPTION = """Fine-tune K-Net instance-segmentation models on small COCO datasets and serve them.
+
+* `POST /finetune` uploads a COCO zip and queues a job (202 + `Location: /jobs/{id}`); poll `GET /jobs/{id}`.
+* `POST /segment` runs a registered model on images (JSON instances or a PNG overlay).
+* `/models` lists versions, promotes one to `production`, downloads or deletes them.
+
+Every error is `{"error": {"code", "message", "details"}}`, the message saying what to fix.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app for `settings` (default: from the environment, validated now)."""
+    from worker.celery_app import make_celery
+
+    settings = settings or get_settings()
+    # The body cap streams: an over-size upload is refused with 413 while it arrives, not after.
+    max_body = int(settings.max_upload_mb * 2**20) + 2**20  # + multipart overhead and form fields
+    app = FastAPI(title="uplvp", version="0.1.0", description=DESCRIPTION, max_body_size=max_body,
+                  responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    app.state.settings = settings
+    app.state.registry = Registry(connect(settings.redis_url), settings.data_dir)
+    app.state.celery = make_celery(settings)
+    install_error_handlers(app)
+    for module in (finetune, jobs, segment, models, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,367 @@
+"""The job and model registry on Redis (shared by the API and the worker; no torch, no FastAPI).
+
+Keys (prefix ``uplvp:``):
+
+- ``job:{id}`` hash: the job record (scalar fields as strings, structured ones as JSON).
+- ``jobs`` zset (id -> created time) and ``jobs:name:{name}`` zset: listing and paging.
+- ``jobs:active`` set: queued or running jobs (for "version in use" checks).
+- ``job:{id}:lock`` string with expiry: the run lock; only its holder trains the job.
+- ``models`` zset (name -> created time); ``model:{name}:versions`` zset (version -> created time);
+  ``model:{name}:v:{n}`` hash: one version; ``model:{name}:aliases`` hash (alias -> version);
+  ``model:{name}:seq`` counter for version numbers.
+- ``worker:{hostname}`` string with expiry: worker heartbeats (readiness).
+
+State changes that race (start vs cancel) are Lua scripts, so they are atomic in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+
+P = "uplvp:"
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+STAGES = ("validating", "proposing", "pretraining", "finetuning", "evaluating")
+_JSON_FIELDS = ("params", "losses", "error", "result", "dataset")
+
+_START = """
+local s = redis.call('HGET', KEYS[1], 'state')
+if not s then return 'missing' end
+if s == 'queued' then
+  if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+    redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1], 'updated_at', ARGV[1])
+    redis.call('SREM', KEYS[2], ARGV[2])
+    return 'cancelled'
+  end
+  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1], 'updated_at', ARGV[1], 'stage', 'validating')
+  return 'started'
+end
+return s
+"""
+
+_CANCEL = """
+local s = redis.call('HGET', KEYS[1], 'state')
+if not s then return 'missing' end
+if s == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel_requested', '1', 'finished_at', ARGV[1], 'updated_at', ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[2])
+  return 'cancelled_now'
+end
+if s == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[1])
+  return 'requested'
+end
+return s
+"""
+
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def now_iso() -> str:
+    """UTC timestamp, ISO 8601 with a Z."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _dump(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":"))
+
+
+class NotFound(KeyError):
+    """A job, model or version that does not exist (the message says which)."""
+
+
+class Conflict(RuntimeError):
+    """An operation the current state forbids (the message says why)."""
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client that decodes strings and retries briefly on connection errors."""
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30,
+                                retry_on_timeout=True)
+
+
+class Registry:
+    """Jobs and model versions in Redis; artifacts on the shared filesystem under `data_dir`."""
+
+    def __init__(self, client: redis.Redis, data_dir: str | Path) -> None:
+        self.r = client
+        self.data_dir = Path(data_dir)
+        self._start = client.register_script(_START)
+        self._cancel = client.register_script(_CANCEL)
+        self._refresh = client.register_script(_REFRESH)
+        self._release = client.register_script(_RELEASE)
+
+    # ------------------------------------------------------------------ jobs
+
+    @staticmethod
+    def new_job_id() -> str:
+        """A fresh job id (also the Celery task id)."""
+        return uuid.uuid4().hex
+
+    def job_dir(self, job_id: str) -> Path:
+        """The job's work dir (dataset, split, checkpoints); deleted when the job ends."""
+        return self.data_dir / "jobs" / job_id
+
+    def create_job(self, job_id: str, name: str, params: dict[str, Any], dataset: dict[str, Any],
+                   base: str | None) -> dict[str, Any]:
+        """Record a queued job."""
+        ts, score = now_iso(), time.time()
+        record = {"id": job_id, "name": name, "state": "queued", "stage": "", "progress": "0", "epoch": "0",
+                  "epochs": str(params.get("epochs", 0)), "step": "0", "steps_per_epoch": "0",
+                  "created_at": ts, "updated_at": ts, "cancel_requested": "0", "base": base or "",
+                  "params": _dump(params), "dataset": _dump(dataset), "attempts": "0"}
+        pipe = self.r.pipeline()
+        pipe.hset(f"{P}job:{job_id}", mapping=record)
+        pipe.zadd(f"{P}jobs", {job_id: score})
+        pipe.zadd(f"{P}jobs:name:{name}", {job_id: score})
+        pipe.sadd(f"{P}jobs:active", job_id)
+        pipe.execute()
+        return self.get_job(job_id)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        """The job record with JSON fields decoded; NotFound for an unknown id."""
+        raw = self.r.hgetall(f"{P}job:{job_id}")
+        if not raw:
+            raise NotFound(f"job {job_id!r} not found")
+        return self._decode_job(raw)
+
+    @staticmethod
+    def _decode_job(raw: dict[str, str]) -> dict[str, Any]:
+        job: dict[str, Any] = dict(raw)
+        for k in _JSON_FIELDS:
+            job[k] = json.loads(raw[k]) if raw.get(k) else None
+        for k in ("epoch", "epochs", "step", "steps_per_epoch", "attempts"):
+            job[k] = int(raw.get(k) or 0)
+        job["progress"] = float(raw.get("progress") or 0)
+        job["eta_s"] = float(raw["eta_s"]) if raw.get("eta_s") else None
+        job["cancel_requested"] = raw.get("cancel_requested") == "1"
+        job["stage"] = raw.get("stage") or None
+        job["base"] = raw.get("base") or None
+        return job
+
+    def list_jobs(self, state: str | None = None, name: str | None = None, offset: int = 0,
+                  limit: int = 50) -> tuple[list[dict[str, Any]], int]:
+        """Newest first, filtered by state and/or name; returns (page, total matching)."""
+        index = f"{P}jobs:name:{name}" if name else f"{P}jobs"
+        ids = self.r.zrevrange(index, 0, -1)
+        if state is None:
+            total = len(ids)
+            page_ids = ids[offset: offset + limit]
+            pipe = self.r.pipeline()
+            for i in page_ids:
+                pipe.hgetall(f"{P}job:{i}")
+            return [self._decode_job(raw) for raw in pipe.execute() if raw], total
+        matched: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 200):
+            pipe = self.r.pipeline()
+            for i in ids[start: start + 200]:
+                pipe.hget(f"{P}job:{i}", "state")
+            matched.extend(i for i, s in zip(ids[start: start + 200], pipe.execute()) if s == state)
+        pipe = self.r.pipeline()
+        for i in matched[offset: offset + limit]:
+            pipe.hgetall(f"{P}job:{i}")
+        return [self._decode_job(raw) for raw in pipe.execute() if raw], len(matched)
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Set fields of a job (dicts/lists stored as JSON) and bump updated_at."""
+        mapping = {k: (_dump(v) if k in _JSON_FIELDS else ("" if v is None else str(v))) for k, v in fields.items()}
+        mapping["updated_at"] = now_iso()
+        self.r.hset(f"{P}job:{job_id}", mapping=mapping)
+
+    def start_job(self, job_id: str) -> str:
+        """Atomically queued -> running. Returns 'started', 'cancelled' (was cancelled while queued),
+        'missing', or the current state when it was not queued ('running' = a redelivery)."""
+        res = self._start(keys=[f"{P}job:{job_id}", f"{P}jobs:active"], args=[now_iso(), job_id])
+        if res in ("started", "running"):
+            self.r.hincrby(f"{P}job:{job_id}", "attempts", 1)
+        return str(res)
+
+    def request_cancel(self, job_id: str) -> str:
+        """'cancelled_now' (was queued), 'requested' (running: stops within one step), or the terminal state."""
+        res = str(self._cancel(keys=[f"{P}job:{job_id}", f"{P}jobs:active"], args=[now_iso(), job_id]))
+        if res == "missing":
+            raise NotFound(f"job {job_id!r} not found")
+        return res
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """The cooperative cancel flag (checked every training step)."""
+        return self.r.hget(f"{P}job:{job_id}", "cancel_requested") == "1"
+
+    def finish_job(self, job_id: str, state: str, error: dict[str, Any] | None = None,
+                   result: dict[str, Any] | None = None) -> None:
+        """Move a job to a terminal state."""
+        assert state in TERMINAL, state
+        fields: dict[str, Any] = {"state": state, "finished_at": now_iso(), "eta_s": ""}
+        if error is not None:
+            fields["error"] = error
+        if result is not None:
+            fields["result"] = result
+        if state == "succeeded":
+            fields["progress"] = 1.0
+        self.update_job(job_id, **fields)
+        self.r.srem(f"{P}jobs:active", job_id)
+
+    def active_jobs(self) -> list[dict[str, Any]]:
+        """Queued and running jobs."""
+        out = []
+        for i in self.r.smembers(f"{P}jobs:active"):
+            try:
+                out.append(self.get_job(i))
+            except NotFound:
+                self.r.srem(f"{P}jobs:active", i)
+        return out
+
+    # -- run lock: never two runs of one job at once
+
+    def acquire_lock(self, job_id: str, ttl_s: int) -> str | None:
+        """A token if this caller now holds the job's run lock, else None."""
+        token = secrets.token_hex(8)
+        return token if self.r.set(f"{P}job:{job_id}:lock", token, nx=True, ex=ttl_s) else None
+
+    def refresh_lock(self, job_id: str, token: str, ttl_s: int) -> bool:
+        """Extend the lock; False if it was lost (expired and taken by someone else)."""
+        return bool(self._refresh(keys=[f"{P}job:{job_id}:lock"], args=[token, ttl_s]))
+
+    def release_lock(self, job_id: str, token: str) -> None:
+        """Release the lock if this token still holds it."""
+        self._release(keys=[f"{P}job:{job_id}:lock"], args=[token])
+
+    # ------------------------------------------------------------------ models
+
+    def model_names(self) -> list[str]:
+        """Model names, oldest first."""
+        return list(self.r.zrange(f"{P}models", 0, -1))
+
+    def versions(self, name: str) -> list[int]:
+        """Version numbers of a model, ascending; NotFound for an unknown model."""
+        vs = [int(v) for v in self.r.zrange(f"{P}model:{name}:versions", 0, -1)]
+        if not vs and not self.r.zscore(f"{P}models", name):
+            raise NotFound(f"model {name!r} not found")
+        return sorted(vs)
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """Alias -> version (e.g. {"production": 3})."""
+        return {k: int(v) for k, v in self.r.hgetall(f"{P}model:{name}:aliases").items()}
+
+    def get_version(self, name: str, version: int) -> dict[str, Any]:
+        """One version's record; NotFound names what is missing."""
+        raw = self.r.hgetall(f"{P}model:{name}:v:{version}")
+        if not raw:
+            self.versions(name)  # raises for an unknown model
+            raise NotFound(f"model {name!r} has no version {version}")
+        rec: dict[str, Any] = dict(raw)
+        rec["version"] = int(raw["version"])
+        rec["size_bytes"] = int(raw["size_bytes"])
+        for k in ("metrics", "categories", "params", "parent"):
+            rec[k] = json.loads(raw[k]) if raw.get(k) else None
+        aliases = self.aliases(name)
+        rec["aliases"] = sorted(a for a, v in aliases.items() if v == rec["version"])
+        return rec
+
+    def resolve(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """`version`, else the version aliased production, else the latest."""
+        if version is None:
+            prod = self.aliases(name).get("production")
+            if prod is not None:
+                version = prod
+            else:
+                vs = self.versions(name)
+                if not vs:
+                    raise NotFound(f"model {name!r} has no versions")
+                version = vs[-1]
+        return self.get_version(name, version)
+
+    def artifact_path(self, record: dict[str, Any]) -> Path:
+        """Absolute path of a version's checkpoint (stored relative to the data dir)."""
+        return self.data_dir / record["artifact"]
+
+    def register_version(self, name: str, src: str | Path, sha256: str, metrics: dict[str, Any],
+                         categories: list[dict[str, Any]], params: dict[str, Any], parent: dict[str, Any] | None,
+                         dataset_sha256: str, job_id: str) -> dict[str, Any]:
+        """Copy an artifact into the model store and record it as the next version of `name`.
+
+        Idempotent on `job_id`: a job that already registered its version gets that version back.
+        """
+        done = self.r.get(f"{P}job:{job_id}:version")
+        if done:
+            return self.get_version(name, int(done))
+        version = int(self.r.incr(f"{P}model:{name}:seq"))
+        rel = Path("models") / name / f"v{version}" / "model.pt"
+        dest = self.data_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+        ts = time.time()
+        rec = {"name": name, "version": str(version), "created_at": now_iso(), "artifact": str(rel),
+               "sha256": sha256, "size_bytes": str(dest.stat().st_size), "metrics": _dump(metrics),
+               "categories": _dump(categories), "params": _dump(params), "parent": _dump(parent),
+               "dataset_sha256": dataset_sha256, "job_id": job_id}
+        pipe = self.r.pipeline()
+        pipe.hset(f"{P}model:{name}:v:{version}", mapping=rec)
+        pipe.zadd(f"{P}model:{name}:versions", {str(version): version})
+        pipe.zadd(f"{P}models", {name: ts}, nx=True)
+        pipe.set(f"{P}job:{job_id}:version", str(version))
+        pipe.execute()
+        return self.get_version(name, version)
+
+    def promote(self, name: str, version: int, alias: str = "production") -> dict[str, Any]:
+        """Point `alias` at `version` (rollback = promote an older version)."""
+        self.get_version(name, version)
+        self.r.hset(f"{P}model:{name}:aliases", alias, str(version))
+        return self.get_version(name, version)
+
+    def jobs_using(self, name: str, version: int) -> list[str]:
+        """Queued/running jobs whose base is this version."""
+        ref = f"{name}:{version}"
+        return [j["id"] for j in self.active_jobs() if j.get("base") == ref]
+
+    def delete_version(self, name: str, version: int) -> None:
+        """Delete a version and its artifact; Conflict if it is aliased or used by an active job."""
+        rec = self.get_version(name, version)
+        if rec["aliases"]:
+            raise Conflict(f"{name} v{version} is aliased {', '.join(rec['aliases'])}; promote another version first")
+        users = self.jobs_using(name, version)
+        if users:
+            raise Conflict(f"{name} v{version} is the base of active job(s) {', '.join(users)}; wait or cancel them")
+        pipe = self.r.pipeline()
+        pipe.delete(f"{P}model:{name}:v:{version}")
+        pipe.zrem(f"{P}model:{name}:versions", str(version))
+        pipe.execute()
+        shutil.rmtree(self.artifact_path(rec).parent, ignore_errors=True)
+
+    # ------------------------------------------------------------------ workers
+
+    def heartbeat(self, hostname: str, ttl_s: int, info: dict[str, Any]) -> None:
+        """Mark a worker alive for ttl_s seconds."""
+        self.r.set(f"{P}worker:{hostname}", _dump({**info, "at": now_iso()}), ex=ttl_s)
+
+    def drop_heartbeat(self, hostname: str) -> None:
+        """Forget a worker that shuts down."""
+        self.r.delete(f"{P}worker:{hostname}")
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """Workers with a live heartbeat: hostname -> info."""
+        out = {}
+        for key in self.r.scan_iter(f"{P}worker:*"):
+            val = self.r.get(key)
+            if val:
+                out[key[len(f"{P}worker:"):]] = json.loads(val)
+        return out

@@ -1,0 +1,129 @@
+"""POST /finetune: 202 + Location for a good zip; each bad upload answers the JSON error shape."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from tests.service_fixtures import post_finetune, zip_dir
+
+
+def assert_error(resp: Any, status: int, code: str, mentions: str = "") -> dict:
+    """The response is `status` with {"error": {"code", "message", "details"}} and the message says `mentions`."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    assert body["error"]["code"] == code, body
+    assert mentions in body["error"]["message"], body
+    return body["error"]
+
+
+def test_accepted_job_succeeds_with_a_registered_version(trained: dict[str, Any]) -> None:
+    resp, job = trained["response"], trained["job"]
+    assert resp.status_code == 202
+    assert resp.headers["location"] == f"/jobs/{resp.json()['id']}" and resp.headers["retry-after"]
+    assert job["progress"] == 1.0 and job["epoch"] == 2 and job["started_at"] and job["finished_at"]
+    assert job["losses"] and all(isinstance(v, float) for v in job["losses"].values())
+    result = job["result"]
+    assert result["model"] == "voc" and result["version"] >= 1
+    assert set(result["metrics"]["segm"]) >= {"AP", "AP50", "AP75"}
+    assert result["metrics"]["evaluated_on"] == "val" and result["num_val_images"] == 1
+    assert job["dataset"]["num_images"] == 4 and len(job["dataset"]["sha256"]) == 64
+
+
+def test_not_a_zip(client: Any) -> None:
+    assert_error(post_finetune(client, b"this is text"), 400, "not_a_zip", "not a zip")
+
+
+def test_zip_without_annotations(client: Any, voc_dir: Path) -> None:
+    assert_error(post_finetune(client, zip_dir(voc_dir, skip=("annotations.json",))), 400, "no_annotations",
+                 "no annotations JSON")
+
+
+def test_json_that_is_not_coco(client: Any, voc_dir: Path) -> None:
+    data = zip_dir(voc_dir, extra={"annotations.json": b'{"images": []}'}, skip=("annotations.json",))
+    err = assert_error(post_finetune(client, data), 400, "not_coco", "'annotations'")
+    assert err["details"][0]["file"] == "annotations.json"
+
+
+def test_referenced_images_missing_are_all_listed(client: Any, voc_dir: Path) -> None:
+    data = zip_dir(voc_dir, skip=("images/voc_1.jpg", "images/voc_2.jpg"))
+    err = assert_error(post_finetune(client, data), 400, "missing_images", "voc_1.jpg")
+    assert {d["code"] for d in err["details"]} == {"missing_images"} and len(err["details"]) == 2
+
+
+def test_unsupported_image_type(client: Any, voc_dir: Path) -> None:
+    coco = json.loads((voc_dir / "annotations.json").read_text())
+    coco["images"][0]["file_name"] = "voc_0.gif"
+    data = zip_dir(voc_dir, extra={"annotations.json": json.dumps(coco).encode(), "images/voc_0.gif": b"GIF89a"},
+                   skip=("annotations.json",))
+    assert_error(post_finetune(client, data), 400, "unsupported_image", "voc_0.gif")
+
+
+def test_path_traversal_is_refused(client: Any, voc_zip: bytes) -> None:
+    buf = io.BytesIO(voc_zip)
+    with zipfile.ZipFile(buf, "a") as zf:
+        zf.writestr("../evil.txt", "x")
+    assert_error(post_finetune(client, buf.getvalue()), 400, "unsafe_zip", "'..'")
+
+
+def test_pretrained_base_runs_uplvp_first(client: Any, voc_zip: bytes) -> None:
+    """base=pretrained: Masks Proposal (offline engine) on the zip's images, pre-training, then fine-tuning."""
+    from tests.service_fixtures import wait_job
+
+    resp = post_finetune(client, voc_zip, name="uplvp", base="pretrained", epochs="1", pretrain_epochs="1",
+                         max_masks="5")
+    assert resp.status_code == 202, resp.text
+    seen: list[tuple[str, float]] = []
+
+    def done(job: dict) -> bool:
+        seen.append((job["stage"], job["progress"]))
+        return job["state"] in ("succeeded", "failed", "cancelled")
+
+    job = wait_job(client, resp.json()["id"], until=done, timeout_s=120)
+    assert job["state"] == "succeeded", job
+    assert job["params"]["pretrain"] is True and job["base"] is None
+    # The pseudo vocabulary is the dataset's category names, so the class head transfers too.
+    assert job["result"]["init"]["class_head"] in ("transferred", "reordered") and job["result"]["init"]["loaded"] > 0
+    assert "proposing" in [s for s, _ in seen]
+    progress = [p for _, p in seen]
+    assert progress == sorted(progress)  # never goes backwards across stages
+    rec = client.get(f"/models/uplvp/versions/{job['result']['version']}").json()
+    assert rec["params"]["pretrain"] is True and rec["params"]["proposal_engine"] == "offline"
+
+
+def test_unknown_base_model(client: Any, voc_zip: bytes) -> None:
+    assert_error(post_finetune(client, voc_zip, base="nosuchmodel:1"), 404, "unknown_model", "nosuchmodel")
+
+
+def test_invalid_form_fields(client: Any, voc_zip: bytes) -> None:
+    err = assert_error(post_finetune(client, voc_zip, epochs="0", width="33"), 400, "invalid_request", "epochs")
+    assert {d["field"] for d in err["details"]} == {"epochs", "width"}
+    assert_error(post_finetune(client, voc_zip, name="../x"), 400, "invalid_name", "../x")
+
+
+def test_upload_over_the_cap_is_413(settings: Any, celery_worker: Path, voc_zip: bytes) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    small = settings.model_copy(update={"max_upload_mb": 0.01})
+    with TestClient(create_app(small)) as c:
+        resp = post_finetune(c, voc_zip)
+    assert_error(resp, 413, "upload_too_large", "UPLVP_MAX_UPLOAD_MB")
+
+
+def test_deep_validation_failure_fails_the_job_with_the_reason(client: Any, voc_dir: Path) -> None:
+    from tests.service_fixtures import wait_job
+
+    coco = json.loads((voc_dir / "annotations.json").read_text())
+    coco["annotations"][0]["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]  # a polygon with 2 points: only decoding finds it
+    data = zip_dir(voc_dir, extra={"annotations.json": json.dumps(coco).encode()}, skip=("annotations.json",))
+    resp = post_finetune(client, data, name="broken", val_fraction="0")
+    assert resp.status_code == 202, resp.text
+    job = wait_job(client, resp.json()["id"])
+    assert job["state"] == "failed" and job["error"]["code"] == "invalid_input", job
+    assert "annotation 1" in job["error"]["message"] and str(client.app.state.settings.data_dir) not in job["error"]["message"]

@@ -1,0 +1,37 @@
+"""Liveness, readiness and the OpenAPI docs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def test_healthz_readyz(client: Any) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["redis"] is True and ready.json()["workers"]
+
+
+def test_readyz_without_workers_is_503(client: Any, registry: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    lonely = client.app.state.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(lonely)) as c:
+        resp = c.get("/readyz")
+    assert resp.status_code == 503 and resp.json() == {"status": "not_ready", "redis": False, "workers": []}
+
+
+def test_docs_and_openapi(client: Any) -> None:
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/finetune", "/jobs", "/jobs/{job_id}/cancel", "/segment", "/models/{name}/versions/{version}/promote",
+            "/healthz", "/readyz"} <= set(spec["paths"])
+    assert "202" in spec["paths"]["/finetune"]["post"]["responses"]
+    assert spec["components"]["schemas"]["Job"]["properties"]["state"]["enum"] == [
+        "queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def test_unknown_route_uses_the_error_shape(client: Any) -> None:
+    body = client.get("/nowhere").json()
+    assert body["error"]["code"] == "not_found"

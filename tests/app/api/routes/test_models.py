@@ -1,0 +1,49 @@
+"""Models: version records, promote and rollback, delete rules, download."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from tests.app.api.routes.test_finetune import assert_error
+from tests.service_fixtures import post_finetune, wait_job
+
+
+def test_version_record(client: Any, trained: dict[str, Any]) -> None:
+    v = trained["job"]["result"]["version"]
+    rec = client.get(f"/models/voc/versions/{v}").json()
+    assert rec["name"] == "voc" and rec["version"] == v and rec["job_id"] == trained["job"]["id"]
+    assert rec["dataset_sha256"] == trained["job"]["dataset"]["sha256"] and rec["parent"] is None
+    assert rec["size_bytes"] > 0 and rec["created_at"] and "AP" in rec["metrics"]["segm"]
+    assert [c["name"] for c in rec["categories"]] == ["bottle", "chair", "diningtable", "person"]
+    assert any(m["name"] == "voc" for m in client.get("/models").json())
+
+
+def test_promote_rollback_delete_and_download(client: Any, voc_zip: bytes, trained: dict[str, Any]) -> None:
+    v1 = trained["job"]["result"]["version"]
+    # v2 starts from v1 (base "<version>" = a version of the same model).
+    resp = post_finetune(client, voc_zip, base=str(v1), epochs="1")
+    assert resp.status_code == 202, resp.text
+    job = wait_job(client, resp.json()["id"])
+    assert job["state"] == "succeeded" and job["base"] == f"voc:{v1}", job
+    v2 = job["result"]["version"]
+    assert client.get(f"/models/voc/versions/{v2}").json()["parent"] == {"name": "voc", "version": v1}
+
+    assert client.post(f"/models/voc/versions/{v2}/promote").json()["aliases"] == ["production"]
+    assert client.get("/models/voc").json()["aliases"] == {"production": v2}
+    assert client.post(f"/models/voc/versions/{v1}/promote").status_code == 200  # rollback
+    detail = client.get("/models/voc").json()
+    assert detail["aliases"] == {"production": v1} and detail["latest"] >= v2
+
+    assert_error(client.delete(f"/models/voc/versions/{v1}"), 409, "version_in_use", "production")
+    dl = client.get(f"/models/voc/versions/{v2}/download")
+    assert dl.status_code == 200 and hashlib.sha256(dl.content).hexdigest() == dl.headers["x-checksum-sha256"]
+    assert client.delete(f"/models/voc/versions/{v2}").status_code == 204
+    assert_error(client.get(f"/models/voc/versions/{v2}"), 404, "unknown_version", f"no version {v2}")
+
+
+def test_unknown_model_and_version(client: Any, trained: dict[str, Any]) -> None:
+    assert_error(client.get("/models/ghost"), 404, "unknown_model", "'ghost'")
+    assert_error(client.get("/models/voc/versions/999"), 404, "unknown_version", "999")
+    assert_error(client.post("/models/voc/versions/999/promote"), 404, "unknown_version", "999")
+    assert_error(client.get("/models/ghost/versions/1/download"), 404, "unknown_model", "ghost")

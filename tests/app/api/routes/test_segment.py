@@ -1,0 +1,51 @@
+"""POST /segment: instances as JSON, a PNG overlay, and the input errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from tests.app.api.routes.test_finetune import assert_error
+
+
+def _photo(voc_dir: Path) -> tuple[str, bytes, str]:
+    return ("voc_0.jpg", (voc_dir / "images" / "voc_0.jpg").read_bytes(), "image/jpeg")
+
+
+def test_json_instances(client: Any, voc_dir: Path, trained: dict[str, Any]) -> None:
+    resp = client.post("/segment", files=[("images", _photo(voc_dir)), ("images", _photo(voc_dir))],
+                       data={"model": "voc", "score_threshold": "0"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == "voc" and body["version"] >= 1 and len(body["images"]) == 2
+    img = body["images"][0]
+    assert (img["width"], img["height"]) == (500, 375) and img["instances"]
+    inst = img["instances"][0]
+    assert inst["category_name"] in {"bottle", "chair", "diningtable", "person"} and 0 <= inst["score"] <= 1
+    assert len(inst["bbox"]) == 4 and inst["segmentation"]["size"] == [375, 500] and "counts" in inst["segmentation"]
+    assert isinstance(inst["polygons"], list)
+
+
+def test_png_overlay(client: Any, voc_dir: Path, trained: dict[str, Any]) -> None:
+    v = trained["job"]["result"]["version"]
+    resp = client.post("/segment", files=[("images", _photo(voc_dir))],
+                       data={"model": "voc", "version": str(v), "format": "png", "score_threshold": "0"})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    assert resp.headers["x-model-version"] == str(v)
+    assert Image.open(io.BytesIO(resp.content)).size == (500, 375)
+
+
+def test_input_errors(client: Any, voc_dir: Path, trained: dict[str, Any]) -> None:
+    photo = _photo(voc_dir)
+    assert_error(client.post("/segment", files=[("images", photo)], data={"model": "ghost"}),
+                 404, "unknown_model", "ghost")
+    assert_error(client.post("/segment", files=[("images", photo)], data={"model": "voc", "version": "999"}),
+                 404, "unknown_version", "999")
+    assert_error(client.post("/segment", files=[("images", ("notes.txt", b"hello", "text/plain"))],
+                             data={"model": "voc"}), 400, "unsupported_image", "notes.txt")
+    assert_error(client.post("/segment", files=[("images", photo), ("images", photo)],
+                             data={"model": "voc", "format": "png"}), 400, "png_needs_one_image", "exactly one")
+    assert_error(client.post("/segment", data={"model": "voc"}), 400, "invalid_request", "images")

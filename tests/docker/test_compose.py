@@ -1,0 +1,54 @@
+"""docker-compose.yml and docker/Dockerfile, checked without a Docker engine (none on the dev machines)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+
+from app.core.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_services_volumes_and_healthcheck() -> None:
+    c = _compose()
+    assert {"redis", "api", "worker-train", "worker-infer", "worker-gpu"} <= set(c["services"])
+    assert "healthcheck" in c["services"]["redis"] and "redis-data:/data" in c["services"]["redis"]["volumes"]
+    for name in ("api", "worker-train", "worker-infer", "worker-gpu"):
+        svc = c["services"][name]
+        assert "artifacts:/data" in svc["volumes"], name
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
+    gpu = c["services"]["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"] and gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_commands_point_at_real_entry_points() -> None:
+    for name, svc in _compose()["services"].items():
+        cmd = svc["command"]
+        if cmd[0] == "uvicorn":
+            module, attr = cmd[cmd.index("--factory") + 1].split(":")
+            assert callable(getattr(importlib.import_module(module), attr)), name
+        elif cmd[0] == "celery":
+            module = cmd[cmd.index("-A") + 1]
+            assert hasattr(importlib.import_module(module), "celery_app"), name
+            queues = set(cmd[cmd.index("-Q") + 1].split(","))
+            assert queues <= {"train", "infer"}, name
+
+
+def test_environment_names_exist_in_settings() -> None:
+    names = Settings.env_names()
+    for svc in _compose()["services"].values():
+        for key in svc.get("environment", {}):
+            assert key in names, key
+
+
+def test_dockerfile_build_args() -> None:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "ARG VARIANT=cpu" in text and "ARG CLIP_WEIGHTS" in text and "UPLVP_CLIP_PRETRAINED" in text
+    assert "app.main:create_app" in text

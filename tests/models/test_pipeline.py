@@ -1,0 +1,58 @@
+"""models.pipeline: split, resumable fine-tune, segmentation with the LRU predictor cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.errors import DataError
+from models.pipeline import (
+    FinetuneParams,
+    PipelineHooks,
+    PredictorCache,
+    run_finetune,
+    segment,
+    split_train_val,
+)
+
+TINY = dict(epochs=1, image_size=96, max_size=128, batch_size=1, warmup_iters=2, lr=1e-3, width=32, kernels=8,
+            stages=1, backbone_weights="none", val_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def voc4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from models.demo_data import write_voc_demo
+
+    return write_voc_demo(tmp_path_factory.mktemp("voc4"), copies=4)
+
+
+def test_split_is_deterministic_and_keeps_categories(voc4: tuple[Path, Path], tmp_path: Path) -> None:
+    ann, _ = voc4
+    tr, va = split_train_val(ann, 0.25, 3, tmp_path / "a")
+    _, va2 = split_train_val(ann, 0.25, 3, tmp_path / "b")
+    assert va is not None and json.loads(va.read_text()) == json.loads(va2.read_text())
+    t, v = json.loads(tr.read_text()), json.loads(va.read_text())
+    assert len(t["images"]) == 3 and len(v["images"]) == 1 and t["categories"] == v["categories"]
+    assert split_train_val(ann, 0.0, 0, tmp_path / "c") == (ann, None)
+
+
+def test_resume_continues_from_the_work_dir(voc4: tuple[Path, Path], tmp_path: Path) -> None:
+    ann, images = voc4
+    stages: list[str] = []
+    first = run_finetune(ann, images, tmp_path, FinetuneParams(**TINY), hooks=PipelineHooks(on_stage=stages.append))
+    assert stages == ["validating", "finetuning", "evaluating"] and first.metrics["evaluated_on"] == "train"
+    steps: list[tuple] = []
+    second = run_finetune(ann, images, tmp_path, FinetuneParams(**{**TINY, "epochs": 2}),
+                          hooks=PipelineHooks(on_step=lambda *a: steps.append(a)))
+    assert [h["epoch"] for h in second.history] == [1, 2] and second.history[0] == first.history[0]
+    assert {s[0] for s in steps} == {1}  # only epoch 2 was trained
+
+    cache = PredictorCache(capacity=1)
+    out = segment(cache.get(second.artifact), [("a.jpg", (images / "voc_0.jpg").read_bytes())], 0.0, "json")
+    assert out[0]["width"] == 500 and out[0]["instances"]
+    with pytest.raises(DataError, match="b.jpg: cannot decode"):
+        segment(cache.get(second.artifact), [("b.jpg", b"nope")], 0.0, "json")
+    cache.get(second.artifact, digest="replaced")  # another file at that path: loaded again, the old one evicted
+    assert len(cache) == 1 and cache.keys() == [(str(second.artifact), "replaced")]

