@@ -76,16 +76,19 @@ def _unsafe_name(name: str) -> str | None:
     return None
 
 
-def safe_extract(zip_path: str | Path, dest: str | Path, limits: ZipLimits) -> list[Path]:
-    """Check and extract a zip into `dest` (created; must not exist). Returns the files written."""
+def safe_extract(zip_path: str | Path, dest: str | Path, limits: ZipLimits, field: str = "dataset") -> list[Path]:
+    """Check and extract a zip into `dest` (created; must not exist). Returns the files written.
+
+    `field` names the upload in error messages (the form field the user filled).
+    """
     zip_path, dest = Path(zip_path), Path(dest)
+    wanted = "a COCO instances JSON and its images" if field == "dataset" else "image files"
     if not zipfile.is_zipfile(zip_path):
-        raise DatasetError("not_a_zip", "the uploaded 'dataset' is not a zip file; upload a .zip holding a COCO "
-                           "instances JSON and its images")
+        raise DatasetError("not_a_zip", f"the uploaded '{field}' is not a zip file; upload a .zip holding {wanted}")
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise DatasetError("not_a_zip", f"the uploaded 'dataset' is not a readable zip file ({exc})") from None
+        raise DatasetError("not_a_zip", f"the uploaded '{field}' is not a readable zip file ({exc})") from None
     with zf:
         infos = zf.infolist()
         if len(infos) > limits.max_members:
@@ -283,3 +286,32 @@ def inspect_dataset(root: str | Path) -> DatasetLayout:
         val_ann=str(val.relative_to(root)) if val else None,
         val_images=str(val_images.relative_to(root)) if val_images else None,
         num_images=len(coco[train]["images"]), num_annotations=n_ann, categories=names)
+
+
+def inspect_images(root: str | Path) -> int:
+    """Count the readable images under an extracted zip of unlabeled photos (any folder depth).
+
+    DatasetError "no_images" when there is none; "unsupported_image" listing every file (up to
+    the cap) that has an image extension but no header Pillow recognises. Other files are ignored.
+    """
+    root = Path(root).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not _hidden(p.relative_to(root)))
+    if not files:
+        raise DatasetError("no_images", "the zip holds no images; add JPEG, PNG, BMP, TIFF or WebP files ("
+                           + ", ".join(IMAGE_EXTENSIONS) + ")")
+    problems: list[dict[str, str]] = []
+    for p in files:
+        try:
+            with Image.open(p) as pil:
+                fmt = pil.format
+        except (UnidentifiedImageError, OSError) as exc:
+            fmt, why = None, f"not a readable image ({exc})"
+        else:
+            why = None if fmt in PIL_FORMATS else f"is {fmt}, which is not supported"
+        if why and len(problems) < MAX_PROBLEMS:
+            problems.append({"file": str(p.relative_to(root)), "code": "unsupported_image", "problem": why})
+    if problems:
+        more = f" (and {len(problems) - 1} more, see details)" if len(problems) > 1 else ""
+        raise DatasetError("unsupported_image", f"{problems[0]['file']}: {problems[0]['problem']}{more}", problems)
+    return len(files)

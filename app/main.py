@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from app.api.routes import finetune, health, jobs, models, segment
+from app.api.routes import finetune, health, jobs, models, pretrain, segment
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
-from app.registry import Registry, connect
+from app.registry import from_settings
 from app.schemas import ErrorResponse
 
 DESCRIPTION = """Fine-tune K-Net instance-segmentation models on small COCO datasets and serve them.
@@ -30,9 +30,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="uplvp", version="0.1.0", description=DESCRIPTION, max_body_size=max_body,
                   responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
     app.state.settings = settings
-    app.state.registry = Registry(connect(settings.redis_url), settings.data_dir)
+    app.state.registry = from_settings(settings)
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
-    for module in (finetune, jobs, segment, models, health):
+    for module in (finetune, pretrain, jobs, segment, models, health):
         app.include_router(module.router)
     return app

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import time
 import uuid
 from datetime import UTC, datetime
@@ -27,11 +26,15 @@ from typing import Any
 
 import redis
 
+from app.core.config import Settings
+from app.storage import ArtifactStore, LocalStore, build_store
+
 P = "uplvp:"
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 STAGES = ("validating", "proposing", "pretraining", "finetuning", "evaluating")
-_JSON_FIELDS = ("params", "losses", "error", "result", "dataset")
+_JSON_FIELDS = ("params", "losses", "error", "result", "dataset", "output")
+JOB_KINDS = ("finetune", "pretrain", "segment")
 
 _START = """
 local s = redis.call('HGET', KEYS[1], 'state')
@@ -91,6 +94,12 @@ class Conflict(RuntimeError):
     """An operation the current state forbids (the message says why)."""
 
 
+def from_settings(settings: Settings) -> Registry:
+    """The registry these settings describe (Redis client + artifact store)."""
+    return Registry(connect(settings.redis_url), settings.data_dir,
+                    build_store(settings.artifact_store, settings.data_dir))
+
+
 def connect(url: str) -> redis.Redis:
     """A Redis client that decodes strings and retries briefly on connection errors."""
     return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30,
@@ -100,9 +109,10 @@ def connect(url: str) -> redis.Redis:
 class Registry:
     """Jobs and model versions in Redis; artifacts on the shared filesystem under `data_dir`."""
 
-    def __init__(self, client: redis.Redis, data_dir: str | Path) -> None:
+    def __init__(self, client: redis.Redis, data_dir: str | Path, store: ArtifactStore | None = None) -> None:
         self.r = client
         self.data_dir = Path(data_dir)
+        self.store: ArtifactStore = store or LocalStore(self.data_dir)
         self._start = client.register_script(_START)
         self._cancel = client.register_script(_CANCEL)
         self._refresh = client.register_script(_REFRESH)
@@ -120,10 +130,11 @@ class Registry:
         return self.data_dir / "jobs" / job_id
 
     def create_job(self, job_id: str, name: str, params: dict[str, Any], dataset: dict[str, Any],
-                   base: str | None) -> dict[str, Any]:
-        """Record a queued job."""
+                   base: str | None, kind: str = "finetune") -> dict[str, Any]:
+        """Record a queued job of `kind` (finetune, pretrain or segment)."""
+        assert kind in JOB_KINDS, kind
         ts, score = now_iso(), time.time()
-        record = {"id": job_id, "name": name, "state": "queued", "stage": "", "progress": "0", "epoch": "0",
+        record = {"id": job_id, "kind": kind, "name": name, "state": "queued", "stage": "", "progress": "0", "epoch": "0",
                   "epochs": str(params.get("epochs", 0)), "step": "0", "steps_per_epoch": "0",
                   "created_at": ts, "updated_at": ts, "cancel_requested": "0", "base": base or "",
                   "params": _dump(params), "dataset": _dump(dataset), "attempts": "0"}
@@ -154,6 +165,7 @@ class Registry:
         job["cancel_requested"] = raw.get("cancel_requested") == "1"
         job["stage"] = raw.get("stage") or None
         job["base"] = raw.get("base") or None
+        job["kind"] = raw.get("kind") or "finetune"
         return job
 
     def list_jobs(self, state: str | None = None, name: str | None = None, offset: int = 0,
@@ -205,14 +217,16 @@ class Registry:
         return self.r.hget(f"{P}job:{job_id}", "cancel_requested") == "1"
 
     def finish_job(self, job_id: str, state: str, error: dict[str, Any] | None = None,
-                   result: dict[str, Any] | None = None) -> None:
-        """Move a job to a terminal state."""
+                   result: dict[str, Any] | None = None, output: dict[str, Any] | None = None) -> None:
+        """Move a job to a terminal state (`output`: an async segment job's instances)."""
         assert state in TERMINAL, state
         fields: dict[str, Any] = {"state": state, "finished_at": now_iso(), "eta_s": ""}
         if error is not None:
             fields["error"] = error
         if result is not None:
             fields["result"] = result
+        if output is not None:
+            fields["output"] = output
         if state == "succeeded":
             fields["progress"] = 1.0
         self.update_job(job_id, **fields)
@@ -273,6 +287,7 @@ class Registry:
             rec[k] = json.loads(raw[k]) if raw.get(k) else None
         aliases = self.aliases(name)
         rec["aliases"] = sorted(a for a, v in aliases.items() if v == rec["version"])
+        rec["kind"] = raw.get("kind") or "finetuned"
         return rec
 
     def resolve(self, name: str, version: int | None = None) -> dict[str, Any]:
@@ -288,32 +303,28 @@ class Registry:
                 version = vs[-1]
         return self.get_version(name, version)
 
-    def artifact_path(self, record: dict[str, Any]) -> Path:
-        """Absolute path of a version's checkpoint (stored relative to the data dir)."""
-        return self.data_dir / record["artifact"]
+    def fetch_artifact(self, record: dict[str, Any]) -> Path:
+        """A local file of a version's checkpoint, checked against its sha256 (ArtifactError if not)."""
+        return self.store.fetch(record["artifact"], record["sha256"])
 
-    def register_version(self, name: str, src: str | Path, sha256: str, metrics: dict[str, Any],
+    def register_version(self, name: str, src: str | Path, metrics: dict[str, Any],
                          categories: list[dict[str, Any]], params: dict[str, Any], parent: dict[str, Any] | None,
-                         dataset_sha256: str, job_id: str) -> dict[str, Any]:
-        """Copy an artifact into the model store and record it as the next version of `name`.
+                         dataset_sha256: str, job_id: str, kind: str = "finetuned") -> dict[str, Any]:
+        """Put an artifact into the store and record it as the next version of `name`.
 
         Idempotent on `job_id`: a job that already registered its version gets that version back.
+        `kind` is "finetuned" or "pretrained" (a UPLVP pre-training, to use as a base).
         """
         done = self.r.get(f"{P}job:{job_id}:version")
         if done:
             return self.get_version(name, int(done))
         version = int(self.r.incr(f"{P}model:{name}:seq"))
-        rel = Path("models") / name / f"v{version}" / "model.pt"
-        dest = self.data_dir / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
+        stored = self.store.put(Path(src), f"models/{name}/v{version}/model.pt")
         ts = time.time()
-        rec = {"name": name, "version": str(version), "created_at": now_iso(), "artifact": str(rel),
-               "sha256": sha256, "size_bytes": str(dest.stat().st_size), "metrics": _dump(metrics),
+        rec = {"name": name, "version": str(version), "created_at": now_iso(), "artifact": stored.key,
+               "sha256": stored.sha256, "size_bytes": str(stored.size_bytes), "metrics": _dump(metrics),
                "categories": _dump(categories), "params": _dump(params), "parent": _dump(parent),
-               "dataset_sha256": dataset_sha256, "job_id": job_id}
+               "dataset_sha256": dataset_sha256, "job_id": job_id, "kind": kind}
         pipe = self.r.pipeline()
         pipe.hset(f"{P}model:{name}:v:{version}", mapping=rec)
         pipe.zadd(f"{P}model:{name}:versions", {str(version): version})
@@ -345,7 +356,7 @@ class Registry:
         pipe.delete(f"{P}model:{name}:v:{version}")
         pipe.zrem(f"{P}model:{name}:versions", str(version))
         pipe.execute()
-        shutil.rmtree(self.artifact_path(rec).parent, ignore_errors=True)
+        self.store.delete(rec["artifact"])
 
     # ------------------------------------------------------------------ workers
 

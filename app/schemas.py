@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobStage = Literal["validating", "proposing", "pretraining", "finetuning", "evaluating"]
+JobStage = Literal["validating", "proposing", "pretraining", "finetuning", "evaluating", "segmenting"]
+JobKind = Literal["finetune", "pretrain", "segment"]
 
 
 class ErrorDetail(BaseModel):
@@ -20,6 +21,29 @@ class ErrorResponse(BaseModel):
     """Every 4xx/5xx body."""
 
     error: ErrorDetail
+
+
+class Instance(BaseModel):
+    category_id: int
+    category_name: str
+    score: float
+    bbox: list[float] = Field(description="x, y, width, height in pixels")
+    area: int
+    segmentation: dict[str, Any] = Field(description="COCO compressed RLE {size, counts}")
+    polygons: list[list[float]] | None = None
+
+
+class ImageResult(BaseModel):
+    file_name: str
+    width: int
+    height: int
+    instances: list[Instance]
+
+
+class SegmentResponse(BaseModel):
+    model: str
+    version: int
+    images: list[ImageResult]
 
 
 class JobError(BaseModel):
@@ -38,9 +62,11 @@ class JobResult(BaseModel):
 
 
 class Job(BaseModel):
-    """A fine-tuning job. `progress` is 0..1 over the whole job; `eta_s` estimates the time left."""
+    """A job: fine-tuning, UPLVP pre-training or an async segmentation. `progress` is 0..1 over
+    the whole job; `eta_s` estimates the time left."""
 
     id: str = Field(examples=["5f0c3b0e9a4d4e7f8a1b2c3d4e5f6a7b"])
+    kind: JobKind = "finetune"
     name: str = Field(examples=["shelves"])
     state: JobState
     stage: JobStage | None = None
@@ -60,7 +86,8 @@ class Job(BaseModel):
     params: dict[str, Any] | None = None
     dataset: dict[str, Any] | None = None
     error: JobError | None = None
-    result: JobResult | None = None
+    result: JobResult | None = Field(None, description="finetune / pretrain: the model version produced")
+    output: SegmentResponse | None = Field(None, description="segment (async=true): the instances per image")
     attempts: int = 0
 
 
@@ -90,6 +117,8 @@ class ModelVersion(BaseModel):
     categories: list[dict[str, Any]] | None = None
     params: dict[str, Any] | None = None
     job_id: str
+    kind: Literal["finetuned", "pretrained"] = Field("finetuned", description="pretrained: a UPLVP pre-training "
+                                                     "(POST /pretrain), meant as the `base` of a fine-tune")
 
 
 class ModelSummary(BaseModel):
@@ -101,29 +130,6 @@ class ModelSummary(BaseModel):
 
 class ModelDetail(ModelSummary):
     items: list[ModelVersion]
-
-
-class Instance(BaseModel):
-    category_id: int
-    category_name: str
-    score: float
-    bbox: list[float] = Field(description="x, y, width, height in pixels")
-    area: int
-    segmentation: dict[str, Any] = Field(description="COCO compressed RLE {size, counts}")
-    polygons: list[list[float]] | None = None
-
-
-class ImageResult(BaseModel):
-    file_name: str
-    width: int
-    height: int
-    instances: list[Instance]
-
-
-class SegmentResponse(BaseModel):
-    model: str
-    version: int
-    images: list[ImageResult]
 
 
 class Health(BaseModel):

@@ -397,7 +397,8 @@ def start_redis(binary: str, port: int, data_dir: Path, host: str = "127.0.0.1")
     data_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([binary, "--port", str(port), "--bind", host, "--dir", str(data_dir),
                              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-                             "--protected-mode", "yes", "--logfile", str(data_dir / "redis.log")])
+                             "--protected-mode", "yes", "--logfile", str(data_dir / "redis.log")],
+                            start_new_session=True)  # Ctrl-C reaches `uplvp serve`, which stops Redis last
 
 
 def wait_for_redis(host: str, port: int, timeout_s: float = 20.0) -> None:
@@ -440,9 +441,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
     print(f"uplvp serve: data in {data_dir}, Redis at {env['REDIS_URL']}", flush=True)
     procs.append(("worker", subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                                              "-Q", "train,infer", "-c", "1", "--loglevel", "INFO"], env=env)))
+                                              "-Q", "train,infer", "-c", "1", "--loglevel", "INFO"], env=env,
+                                             start_new_session=True)))
     procs.append(("api", subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                                           "--host", args.host, "--port", str(args.port)], env=env)))
+                                           "--host", args.host, "--port", str(args.port)], env=env,
+                                          start_new_session=True)))
     print(f"uplvp serve: API on http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops", flush=True)
     stopping = False
 

@@ -14,6 +14,7 @@ checkpoint in `work_dir` is written every epoch, so calling `run_finetune` again
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import random
@@ -181,12 +182,16 @@ def run_finetune(
     val_images: str | Path | None = None,
     init: str | Path | None = None,
     hooks: PipelineHooks | None = None,
+    unlabeled: str | Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune K-Net on a COCO dataset; resumable through `work_dir`.
 
     Without a val split, `params.val_fraction` of the images are held out (deterministically);
     with no held-out image at all the metrics are computed on the training images and
-    ``metrics["evaluated_on"]`` says so. `init` is a base checkpoint (any earlier model).
+    ``metrics["evaluated_on"]`` says so. `init` is a base checkpoint (any earlier model, or a
+    UPLVP pre-training): its architecture (width, kernels, stages) is kept, only the number of
+    classes follows this dataset. With `params.pretrain`, UPLVP pre-training runs first on the
+    training images plus the folder `unlabeled` (extra unlabeled photos), if given.
     Raises DataError / ConfigError / CheckpointError for problems the user can fix and
     models.train.TrainingCancelled when `hooks.should_stop` turns true.
     """
@@ -218,6 +223,9 @@ def run_finetune(
         train_set_ann = CocoAnnotations(train_ann, train_images)
         categories = train_set_ann.categories
         mcfg = params.model_config(len(categories))
+        if init is not None:  # the base's architecture, so that its weights fit
+            mcfg = dataclasses.replace(load_checkpoint(init)["model_config"], num_classes=len(categories),
+                                       backbone_weights=params.backbone_weights).validate()
     eval_ann = (CocoAnnotations(val_ann, val_images, categories=categories)
                 if val_ann is not None and val_images is not None else train_set_ann)
     train_set = CocoDataset(train_set_ann, TransformConfig(tcfg.short_side, tcfg.max_long_side), train=True)
@@ -225,7 +233,8 @@ def run_finetune(
         raise DataError(f"{train_ann}: no training image has an annotation; nothing to learn from")
 
     if params.pretrain and resume is None:
-        init = run_uplvp_pretraining(train_images, list(categories.names), work / "pretrain", params, hooks)
+        folders = [Path(train_images)] + ([Path(unlabeled)] if unlabeled is not None else [])
+        init = run_uplvp_pretraining(folders, list(categories.names), work / "pretrain", params, hooks)
 
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
@@ -252,14 +261,29 @@ def run_finetune(
                           resumed_from_epoch=int(resume["epoch"]) if resume is not None else 0)
 
 
+def image_pool(folders: list[Path], pool: Path) -> Path:
+    """One folder that holds the images of several (symlinks under pool/<i>/...); one folder is used as is."""
+    from models.proposals import list_images_recursive
+
+    if len(folders) == 1:
+        return folders[0]
+    for i, folder in enumerate(folders):
+        for f in list_images_recursive(folder):
+            link = pool / str(i) / f.relative_to(folder)
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(f.resolve())
+    return pool
+
+
 def run_uplvp_pretraining(
-    images: str | Path,
+    images: str | Path | list[Path],
     vocabulary: list[str],
     work_dir: str | Path,
     params: FinetuneParams,
     hooks: PipelineHooks | None = None,
 ) -> Path:
-    """UPLVP on the images of a folder: Masks Proposal, then prompt-kernel pre-training.
+    """UPLVP on the images of a folder (or several): Masks Proposal, then prompt-kernel pre-training.
 
     Both steps are resumable in `work_dir` (``pseudo.json`` with its partial file, and
     ``pretrain.pt``). Returns the pre-trained checkpoint, for `run_finetune(init=...)`.
@@ -277,6 +301,7 @@ def run_uplvp_pretraining(
     hooks = hooks or PipelineHooks()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    images = image_pool([Path(f) for f in images] if isinstance(images, list) else [Path(images)], work / "pool")
     pseudo, ckpt = work / "pseudo.json", work / "pretrain.pt"
     if not pseudo.is_file():
         _stage(hooks, "proposing")
@@ -304,6 +329,49 @@ def run_uplvp_pretraining(
     return ckpt
 
 
+@dataclass
+class PretrainResult:
+    """What a finished UPLVP pre-training produced (a checkpoint to fine-tune from)."""
+
+    artifact: Path  # serving checkpoint (no optimizer state)
+    metrics: dict[str, Any]  # {"pretrain": {epochs, loss_first, loss_last, images_per_s, pseudo_masks, images}}
+    categories: list[dict[str, Any]]  # the vocabulary, as COCO categories
+    num_images: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def run_pretrain(
+    images: str | Path,
+    vocabulary: str | list[str],
+    work_dir: str | Path,
+    params: FinetuneParams,
+    hooks: PipelineHooks | None = None,
+) -> PretrainResult:
+    """UPLVP pre-training alone (POST /pretrain): pseudo masks on `images` for `vocabulary`
+    ("coco", "cat,dog" or a list of names), pre-training, and a serving checkpoint whose class
+    head carries the vocabulary (it transfers when a fine-tune's categories are the same names)."""
+    from models.checkpoint import export_for_serving, load_checkpoint
+    from models.proposals import parse_vocabulary
+
+    hooks = hooks or PipelineHooks()
+    params.validate()
+    if isinstance(vocabulary, str):  # a built-in name or comma-separated names, never a path: it comes from a request
+        vocabulary = vocabulary.strip() if vocabulary.strip().lower() == "coco" else vocabulary.split(",")
+    names = parse_vocabulary(vocabulary)
+    params = dataclasses.replace(params, pretrain=True)
+    ckpt = run_uplvp_pretraining(Path(images), names, Path(work_dir) / "pretrain", params, hooks)
+    state = load_checkpoint(ckpt)
+    history = state["history"]
+    summary = state["extra"].get("pretrain", {})
+    metrics = {"pretrain": {"epochs": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
+                            "images_per_s": history[-1].get("images_per_s"),
+                            "pseudo_masks": summary.get("pseudo_masks"), "images": summary.get("images"),
+                            "engine": params.proposal_engine}}
+    artifact = export_for_serving(ckpt, Path(work_dir) / "model.pt")
+    return PretrainResult(artifact=artifact, metrics=metrics, categories=state["categories"],
+                          num_images=int(summary.get("images") or 0), params=asdict(params))
+
+
 # --------------------------------------------------------------------------- segmentation
 
 
@@ -326,23 +394,24 @@ def decode_image(data: bytes, name: str = "image") -> Any:
 class PredictorCache:
     """Loaded models kept in memory, least recently used evicted first.
 
-    Keyed by (checkpoint path, digest) so a replaced file at the same path is reloaded.
+    Keyed by anything hashable that changes when the model does, e.g. (artifact key, sha256),
+    so a replaced checkpoint is reloaded; `locate()` is called only on a miss, which is where
+    a store downloads or verifies the file.
     """
 
     def __init__(self, capacity: int = 4, num_threads: int = 0) -> None:
         self.capacity = max(1, capacity)
         self.num_threads = num_threads
-        self._items: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._items: OrderedDict[Any, Any] = OrderedDict()
 
-    def get(self, checkpoint: str | Path, digest: str = "") -> Any:
-        """The Predictor of `checkpoint`, loading it on a miss."""
+    def get(self, key: Any, locate: Callable[[], str | Path] | None = None) -> Any:
+        """The Predictor for `key`, loading `locate()` (default: `key` is the checkpoint path) on a miss."""
         from models.inference import Predictor
 
-        key = (str(checkpoint), digest)
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        predictor = Predictor(checkpoint, num_threads=self.num_threads)
+        predictor = Predictor(locate() if locate is not None else key, num_threads=self.num_threads)
         self._items[key] = predictor
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
@@ -351,7 +420,7 @@ class PredictorCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def keys(self) -> list[tuple[str, str]]:
+    def keys(self) -> list[Any]:
         """Cached keys, least recently used first."""
         return list(self._items)
 

@@ -93,9 +93,9 @@ def settings(service_env: dict[str, str]) -> Any:
 
 @pytest.fixture(scope="session")
 def registry(settings: Any) -> Any:
-    from app.registry import Registry, connect
+    from app.registry import from_settings
 
-    return Registry(connect(settings.redis_url), settings.data_dir)
+    return from_settings(settings)
 
 
 @pytest.fixture(scope="session")
@@ -158,6 +158,23 @@ def voc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def voc_zip(voc_dir: Path) -> bytes:
     return zip_dir(voc_dir)
+
+
+@pytest.fixture(scope="session")
+def photos_zip() -> bytes:
+    """scikit-image's cat, astronaut and coffee photos as JPEGs in folders, plus a text file to ignore."""
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for folder, name, arr in (("a", "chelsea", data.chelsea()), ("a", "astronaut", data.astronaut()),
+                                  ("b/c", "coffee", data.coffee())):
+            jpg = io.BytesIO()
+            Image.fromarray(arr).save(jpg, format="JPEG")
+            zf.writestr(f"{folder}/{name}.jpg", jpg.getvalue())
+        zf.writestr("notes.txt", "not an image")
+    return buf.getvalue()
 
 
 def post_finetune(client: Any, data: bytes, name: str = "voc", **fields: str) -> Any:

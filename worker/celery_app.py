@@ -20,7 +20,9 @@ from app.core.config import Settings, get_settings
 log = logging.getLogger("uplvp.worker")
 
 FINETUNE_TASK = "uplvp.finetune"
+PRETRAIN_TASK = "uplvp.pretrain"
 SEGMENT_TASK = "uplvp.segment"
+SEGMENT_JOB_TASK = "uplvp.segment_job"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -40,7 +42,8 @@ def make_celery(settings: Settings) -> Celery:
         task_track_started=True,
         task_queues=(Queue("train"), Queue("infer")),
         task_default_queue="train",
-        task_routes={FINETUNE_TASK: {"queue": "train"}, SEGMENT_TASK: {"queue": "infer"}},
+        task_routes={FINETUNE_TASK: {"queue": "train"}, PRETRAIN_TASK: {"queue": "train"},
+                     SEGMENT_TASK: {"queue": "infer"}, SEGMENT_JOB_TASK: {"queue": "infer"}},
         task_time_limit=settings.job_time_limit_s + 300,
         task_soft_time_limit=settings.job_time_limit_s,
         broker_connection_retry_on_startup=True,
@@ -55,10 +58,10 @@ _stop = threading.Event()
 
 
 def _heartbeat_loop(hostname: str) -> None:
-    from app.registry import Registry, connect
+    from app.registry import from_settings
 
     s = get_settings()
-    registry = Registry(connect(s.redis_url), s.data_dir)
+    registry = from_settings(s)
     while not _stop.is_set():
         try:
             registry.heartbeat(hostname, 3 * s.heartbeat_s, {"pid_host": socket.gethostname()})

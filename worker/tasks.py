@@ -1,28 +1,29 @@
 """Celery tasks: thin wrappers that run models.pipeline and report through the Redis registry.
 
-`uplvp.finetune(job_id)` is idempotent on the job id: a run lock (Redis key with expiry,
-refreshed every training step) makes sure only one run of a job trains at a time; a
-redelivered job (its worker died) resumes from the checkpoint in its work dir; a job that is
-already finished is left alone. Cancellation is cooperative: the cancel flag in the job record
-is read before every training step.
+`uplvp.finetune(job_id)` and `uplvp.pretrain(job_id)` are idempotent on the job id: a run lock
+(Redis key with expiry, refreshed every training step) makes sure only one run of a job trains
+at a time; a redelivered job (its worker died) resumes from the checkpoint in its work dir; a
+job that is already finished is left alone. Cancellation is cooperative: the cancel flag in the
+job record is read before every training step.
 
-`uplvp.segment(...)` runs on the `infer` queue; loaded models stay in an LRU cache.
+`uplvp.segment(...)` runs on the `infer` queue and answers POST /segment; `uplvp.segment_job`
+is its async form (POST /segment with async=true). Loaded models stay in an LRU cache.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import shutil
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from app.core.config import get_settings
-from app.registry import TERMINAL, NotFound, Registry, connect
-from worker.celery_app import FINETUNE_TASK, SEGMENT_TASK, celery_app
+from app.registry import TERMINAL, NotFound, Registry, from_settings
+from app.storage import ArtifactError
+from worker.celery_app import FINETUNE_TASK, PRETRAIN_TASK, SEGMENT_JOB_TASK, SEGMENT_TASK, celery_app
 
 _registry: Registry | None = None
 _predictors: Any = None
@@ -32,18 +33,8 @@ def registry() -> Registry:
     """The worker's registry client (one per process)."""
     global _registry
     if _registry is None:
-        s = get_settings()
-        _registry = Registry(connect(s.redis_url), s.data_dir)
+        _registry = from_settings(get_settings())
     return _registry
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class JobReporter:
@@ -53,18 +44,20 @@ class JobReporter:
     a training stage advance it evenly. `eta_s` extrapolates the current training stage's speed.
     """
 
-    RANGES: ClassVar[dict[bool, dict[str, tuple[float, float]]]] = {
-        False: {"validating": (0.0, 0.02), "finetuning": (0.02, 0.95), "evaluating": (0.95, 0.98)},
-        True: {"validating": (0.0, 0.02), "proposing": (0.02, 0.15), "pretraining": (0.15, 0.45),
-               "finetuning": (0.45, 0.95), "evaluating": (0.95, 0.98)},
+    RANGES: ClassVar[dict[str, dict[str, tuple[float, float]]]] = {
+        "finetune": {"validating": (0.0, 0.02), "finetuning": (0.02, 0.95), "evaluating": (0.95, 0.98)},
+        "uplvp": {"validating": (0.0, 0.02), "proposing": (0.02, 0.15), "pretraining": (0.15, 0.45),
+                  "finetuning": (0.45, 0.95), "evaluating": (0.95, 0.98)},
+        "pretrain": {"validating": (0.0, 0.02), "proposing": (0.02, 0.3), "pretraining": (0.3, 0.98)},
     }
 
     def __init__(self, reg: Registry, job_id: str, token: str, epochs: int, lock_ttl_s: int,
-                 min_interval_s: float = 0.5, pretrain_epochs: int = 0, pretrained: bool = False) -> None:
+                 min_interval_s: float = 0.5, pretrain_epochs: int = 0, plan: str = "finetune") -> None:
         self.reg, self.job_id, self.token, self.ttl = reg, job_id, token, lock_ttl_s
         self.epochs = max(1, epochs)
         self.pretrain_epochs = max(1, pretrain_epochs or epochs)
-        self.ranges = self.RANGES[pretrained]
+        self.ranges = self.RANGES[plan]
+        self.finetunes_after = plan == "uplvp"  # the ETA of pre-training includes the fine-tuning after it
         self.min_interval_s = min_interval_s
         self.lost_lock = False
         self.stage = "validating"
@@ -97,7 +90,7 @@ class JobReporter:
             return
         self._last_write = now
         rate = (done - self._done0) / max(1e-6, now - self._t0)
-        remaining = total - done + (self.epochs * steps if self.stage == "pretraining" else 0)
+        remaining = total - done + (self.epochs * steps if self.stage == "pretraining" and self.finetunes_after else 0)
         self.reg.update_job(self.job_id, epoch=epoch + 1, step=step + 1, steps_per_epoch=steps, losses=losses,
                             progress=self._progress(done / total),
                             eta_s=round(remaining / rate, 1) if rate > 0 else None)
@@ -137,10 +130,50 @@ def _init_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
             "class_head": report["class_head"]}
 
 
-def run_finetune_job(job_id: str, reg: Registry, token: str) -> str:
-    """Run one job while holding its lock; returns the final state (or 'lost_lock')."""
+def _finetune_body(job: dict[str, Any], reg: Registry, params: Any, reporter: JobReporter) -> dict[str, Any]:
+    """Fine-tune (after UPLVP pre-training when asked); returns register_version's arguments + job result."""
+    from models.pipeline import run_finetune
+
+    work = reg.job_dir(job["id"])
+    root, ds = work / "dataset", job["dataset"]
+    init = reg.fetch_artifact(reg.get_version(*_base_ref(job["base"]))) if job.get("base") else None
+    result = run_finetune(root / ds["train_ann"], root / ds["train_images"], work / "run", params,
+                          val_ann=root / ds["val_ann"] if ds.get("val_ann") else None,
+                          val_images=root / ds["val_images"] if ds.get("val_images") else None,
+                          init=init, hooks=reporter.hooks(),
+                          unlabeled=work / ds["unlabeled_dir"] if ds.get("unlabeled_dir") else None)
+    parent = None
+    if job.get("base"):
+        bname, bver = _base_ref(job["base"])
+        parent = {"name": bname, "version": bver}
+    return {"artifact": result.artifact, "metrics": result.metrics, "categories": result.categories,
+            "params": result.params, "parent": parent, "kind": "finetuned",
+            "result": {"num_train_images": result.num_train_images, "num_val_images": result.num_val_images,
+                       "resumed_from_epoch": result.resumed_from_epoch, "init": _init_summary(result.init_report)}}
+
+
+def _pretrain_body(job: dict[str, Any], reg: Registry, params: Any, reporter: JobReporter) -> dict[str, Any]:
+    """UPLVP pre-training on the uploaded images; the checkpoint becomes a `pretrained` model version."""
+    from models.pipeline import run_pretrain
+
+    work = reg.job_dir(job["id"])
+    result = run_pretrain(work / job["dataset"]["images_dir"], job["params"]["vocabulary"], work / "run", params,
+                          hooks=reporter.hooks())
+    return {"artifact": result.artifact, "metrics": result.metrics, "categories": result.categories,
+            "params": result.params, "parent": None, "kind": "pretrained",
+            "result": {"num_train_images": result.num_images, "num_val_images": 0}}
+
+
+def _base_ref(base: str) -> tuple[str, int]:
+    name, _, version = base.rpartition(":")
+    return name, int(version)
+
+
+def run_training_job(job_id: str, reg: Registry, token: str,
+                     body: Callable[[dict[str, Any], Registry, Any, JobReporter], dict[str, Any]]) -> str:
+    """Run one training job while holding its lock; returns the final state (or 'lost_lock')."""
     from models.errors import UplvpError
-    from models.pipeline import FinetuneParams, run_finetune
+    from models.pipeline import FinetuneParams
     from models.train import TrainingCancelled
 
     s = get_settings()
@@ -149,19 +182,14 @@ def run_finetune_job(job_id: str, reg: Registry, token: str) -> str:
         return status  # missing, cancelled while queued, or already finished
     job = reg.get_job(job_id)
     work = reg.job_dir(job_id)
-    ds = job["dataset"]
-    root = work / "dataset"
     params = FinetuneParams.from_dict(job["params"])
     if s.worker_threads:
         params.threads = s.worker_threads
+    plan = "pretrain" if job["kind"] == "pretrain" else "uplvp" if params.pretrain else "finetune"
     reporter = JobReporter(reg, job_id, token, params.epochs, s.job_lock_ttl_s,
-                           pretrain_epochs=params.pretrain_epochs, pretrained=params.pretrain)
-    init = reg.data_dir / job["params"]["init_artifact"] if job["params"].get("init_artifact") else None
+                           pretrain_epochs=params.pretrain_epochs, plan=plan)
     try:
-        result = run_finetune(root / ds["train_ann"], root / ds["train_images"], work / "run", params,
-                              val_ann=root / ds["val_ann"] if ds.get("val_ann") else None,
-                              val_images=root / ds["val_images"] if ds.get("val_images") else None,
-                              init=init, hooks=reporter.hooks())
+        out = body(job, reg, params, reporter)
     except TrainingCancelled:
         if reporter.lost_lock:
             return "lost_lock"
@@ -169,29 +197,30 @@ def run_finetune_job(job_id: str, reg: Registry, token: str) -> str:
         return "cancelled"
     except UplvpError as exc:
         # Paths relative to the job's folder: the user knows the zip's names, not our disk layout.
-        message = str(exc).replace(str(root) + "/", "").replace(str(work / "run" / "split") + "/", "split ")
-        return _fail(reg, job_id, "invalid_input", message)
+        message = str(exc).replace(str(work / "dataset") + "/", "").replace(str(work / "run" / "split") + "/", "split ")
+        return _fail(reg, job_id, "invalid_input", message.replace(str(work) + "/", ""))
+    except ArtifactError as exc:
+        return _fail(reg, job_id, "base_unavailable", f"the base model version cannot be used: {exc}")
     except SoftTimeLimitExceeded:
         return _fail(reg, job_id, "time_limit", f"the job ran past its time limit ({s.job_time_limit_s} s)")
     reg.update_job(job_id, progress=0.98)
-    parent = None
-    if job.get("base"):
-        bname, _, bver = job["base"].partition(":")
-        parent = {"name": bname, "version": int(bver)}
-    rec = reg.register_version(job["name"], result.artifact, file_sha256(result.artifact), result.metrics,
-                               result.categories, result.params, parent, job["dataset"]["sha256"], job_id)
+    try:
+        rec = reg.register_version(job["name"], out["artifact"], out["metrics"], out["categories"], out["params"],
+                                   out["parent"], job["dataset"]["sha256"], job_id, kind=out["kind"])
+    except OSError as exc:  # disk full, data dir unwritable: earlier versions are untouched (atomic put)
+        return _fail(reg, job_id, "storage_error", f"could not store the model: {exc.strerror or exc}")
     reg.finish_job(job_id, "succeeded", result={"model": job["name"], "version": rec["version"],
-                                                "metrics": result.metrics,
-                                                "num_train_images": result.num_train_images,
-                                                "num_val_images": result.num_val_images,
-                                                "resumed_from_epoch": result.resumed_from_epoch,
-                                                "init": _init_summary(result.init_report)})
+                                                "metrics": out["metrics"], **out["result"]})
     return "succeeded"
 
 
-@celery_app.task(name=FINETUNE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
-def finetune(self: Any, job_id: str) -> str:
-    """Fine-tune the job `job_id` (its record in the registry holds everything)."""
+def run_finetune_job(job_id: str, reg: Registry, token: str) -> str:
+    """A fine-tuning job (kept by name: tests and tools call it)."""
+    return run_training_job(job_id, reg, token, _finetune_body)
+
+
+def _training_task(task: Any, job_id: str, body: Callable[..., dict[str, Any]]) -> str:
+    """Lock, run, release, clean up: shared by the finetune and pretrain tasks."""
     s = get_settings()
     reg = registry()
     token = reg.acquire_lock(job_id, s.job_lock_ttl_s)
@@ -202,23 +231,34 @@ def finetune(self: Any, job_id: str) -> str:
         except NotFound:
             return "missing"
         # Another run holds the lock (or a dead run's lock has not expired yet): try again later.
-        raise self.retry(countdown=min(60, s.job_lock_ttl_s))
+        raise task.retry(countdown=min(60, s.job_lock_ttl_s))
     state = "failed"
     try:
-        state = run_finetune_job(job_id, reg, token)
+        state = run_training_job(job_id, reg, token, body)
         return state
     except Exception as exc:
         _fail(reg, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
         raise
     finally:
         reg.release_lock(job_id, token)
-        if state in TERMINAL or state == "failed":
+        if state in TERMINAL:
             shutil.rmtree(reg.job_dir(job_id), ignore_errors=True)
 
 
-@celery_app.task(name=SEGMENT_TASK, acks_late=False)
-def segment(artifact: str, sha256: str, images: list[list[str]], score_threshold: float, fmt: str) -> dict[str, Any]:
-    """Segment base64 images with a registered model; returns {"results": [...]} or {"error": {...}}."""
+@celery_app.task(name=FINETUNE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def finetune(self: Any, job_id: str) -> str:
+    """Fine-tune the job `job_id` (its record in the registry holds everything)."""
+    return _training_task(self, job_id, _finetune_body)
+
+
+@celery_app.task(name=PRETRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def pretrain(self: Any, job_id: str) -> str:
+    """UPLVP pre-training job `job_id`: pseudo masks, pre-training, a `pretrained` model version."""
+    return _training_task(self, job_id, _pretrain_body)
+
+
+def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshold: float, fmt: str) -> dict[str, Any]:
+    """{"results": [...]} or {"error": {code, message}}; the model is loaded (and its sha256 checked) on a miss."""
     from models.errors import UplvpError
     from models.pipeline import PredictorCache
     from models.pipeline import segment as run_segment
@@ -227,10 +267,36 @@ def segment(artifact: str, sha256: str, images: list[list[str]], score_threshold
     s = get_settings()
     if _predictors is None:
         _predictors = PredictorCache(s.model_cache_size, s.worker_threads)
-    path = s.data_dir / artifact
     try:
-        predictor = _predictors.get(path, sha256)
+        predictor = _predictors.get((artifact, sha256), lambda: registry().store.fetch(artifact, sha256))
         decoded = [(name, base64.b64decode(data)) for name, data in images]
         return {"results": run_segment(predictor, decoded, score_threshold, fmt)}
+    except ArtifactError as exc:
+        return {"error": {"code": "artifact_unavailable", "message": str(exc)}}
     except UplvpError as exc:
         return {"error": {"code": "invalid_input", "message": str(exc).replace(str(s.data_dir) + "/", "")}}
+
+
+@celery_app.task(name=SEGMENT_TASK, acks_late=False)
+def segment(artifact: str, sha256: str, images: list[list[str]], score_threshold: float, fmt: str) -> dict[str, Any]:
+    """Segment base64 images with a registered model (POST /segment answers with the return value)."""
+    return _segment(artifact, sha256, images, score_threshold, fmt)
+
+
+@celery_app.task(name=SEGMENT_JOB_TASK, acks_late=False)
+def segment_job(job_id: str, artifact: str, sha256: str, images: list[list[str]], score_threshold: float,
+                fmt: str) -> str:
+    """POST /segment with async=true: the same work, the instances stored in the job record."""
+    reg = registry()
+    status = reg.start_job(job_id)
+    if status != "started":
+        return status
+    reg.update_job(job_id, stage="segmenting")
+    out = _segment(artifact, sha256, images, score_threshold, fmt)
+    if "error" in out:
+        reg.finish_job(job_id, "failed", error=out["error"])
+        return "failed"
+    job = reg.get_job(job_id)
+    reg.finish_job(job_id, "succeeded", output={"model": job["params"]["model"], "version": job["params"]["version"],
+                                                "images": out["results"]})
+    return "succeeded"

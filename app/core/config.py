@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,8 @@ class Settings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "UPLVP_REDIS_URL"),
                            description="Redis: Celery broker, result backend, job and model registry")
+    artifact_store: Literal["local"] = Field("local", description="where checkpoints live: `local` = files under "
+                                             "the data dir (a shared filesystem between machines); see app/storage.py")
     data_dir: Path = Field(Path("data"), description="uploads, job work dirs and model artifacts (share it between machines)")
     max_upload_mb: float = Field(500.0, gt=0, description="cap on one uploaded dataset zip / image batch (413 above)")
     max_zip_members: int = Field(20000, gt=0, description="cap on the number of files in a dataset zip")

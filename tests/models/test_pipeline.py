@@ -54,5 +54,8 @@ def test_resume_continues_from_the_work_dir(voc4: tuple[Path, Path], tmp_path: P
     assert out[0]["width"] == 500 and out[0]["instances"]
     with pytest.raises(DataError, match="b.jpg: cannot decode"):
         segment(cache.get(second.artifact), [("b.jpg", b"nope")], 0.0, "json")
-    cache.get(second.artifact, digest="replaced")  # another file at that path: loaded again, the old one evicted
-    assert len(cache) == 1 and cache.keys() == [(str(second.artifact), "replaced")]
+    located: list[str] = []
+    key = ("artifact", "sha-of-a-replaced-file")
+    cache.get(key, lambda: located.append("x") or second.artifact)  # a new key: located, loaded, the old one evicted
+    cache.get(key, lambda: located.append("y") or second.artifact)  # a hit: not located again
+    assert len(cache) == 1 and cache.keys() == [key] and located == ["x"]

@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 from app.api.deps import RegistryDep
 from app.core.errors import ApiError
 from app.registry import Conflict, NotFound, Registry
+from app.storage import ArtifactError
 from app.schemas import ErrorResponse, ModelDetail, ModelSummary, ModelVersion
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -73,8 +74,9 @@ def delete_version(name: str, version: int, registry: RegistryDep) -> Response:
 def download(name: str, version: int, registry: RegistryDep) -> FileResponse:
     """The checkpoint, with its sha256 in X-Checksum-Sha256."""
     rec = _call(registry.get_version, name, version)
-    path = registry.artifact_path(rec)
-    if not path.is_file():
-        raise ApiError(404, "artifact_missing", f"{name} v{version}: the checkpoint file is missing from the data dir")
+    try:
+        path = registry.fetch_artifact(rec)  # checks the sha256: never serve a torn or replaced file
+    except ArtifactError as exc:
+        raise ApiError(500, "artifact_unavailable", f"{name} v{version}: {exc}") from None
     return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-v{version}.pt",
                         headers={"X-Checksum-Sha256": rec["sha256"]})

@@ -6,16 +6,18 @@ import base64
 import io
 from typing import Annotated, Any, Literal
 
+from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
 from app.core.errors import ApiError
 from app.dataset import PIL_FORMATS
 from app.registry import NotFound, Registry
-from app.schemas import ErrorResponse, SegmentResponse
-from worker.celery_app import SEGMENT_TASK
+from app.schemas import ErrorResponse, JobAccepted, SegmentResponse
+from worker.celery_app import SEGMENT_JOB_TASK, SEGMENT_TASK
 
 router = APIRouter(tags=["segment"])
 
@@ -30,9 +32,29 @@ def resolve_model(registry: Registry, model: str, version: int | None) -> dict[s
         raise ApiError(404, code, f"{msg}; see GET /models") from None
 
 
+def queue_segment_job(registry: Registry, celery: Celery, rec: dict[str, Any], payload: list[list[str]],
+                      score_threshold: float) -> JSONResponse:
+    """async=true: record a segment job and send it to the `infer` queue; 202 + Location."""
+    job_id = registry.new_job_id()
+    params = {"model": rec["name"], "version": rec["version"], "score_threshold": score_threshold,
+              "images": len(payload)}
+    registry.create_job(job_id, rec["name"], params, {"num_images": len(payload)}, f"{rec['name']}:{rec['version']}",
+                        kind="segment")
+    try:
+        celery.send_task(SEGMENT_JOB_TASK, args=[job_id, rec["artifact"], rec["sha256"], payload, score_threshold,
+                                                 "json"], task_id=job_id, queue="infer")
+    except Exception as exc:  # noqa: BLE001 - broker unreachable
+        registry.finish_job(job_id, "failed", error={"code": "queue_unavailable", "message": str(exc)})
+        raise ApiError(503, "queue_unavailable", f"could not queue the job: {exc}") from None
+    location = f"/jobs/{job_id}"
+    body = JobAccepted(id=job_id, state="queued", location=location).model_dump()
+    return JSONResponse(body, status_code=202, headers={"Location": location, "Retry-After": "1"})
+
+
 @router.post("/segment", response_model=SegmentResponse,
              responses={200: {"content": {"image/png": {}}, "description": "instances (json) or an overlay (png)"},
                         400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                        202: {"model": JobAccepted, "description": "async=true: the job to poll"},
                         413: {"model": ErrorResponse}, 504: {"model": ErrorResponse}},
              summary="Segment images with a model version (default: production, else latest)")
 def post_segment(
@@ -44,12 +66,18 @@ def post_segment(
     version: Annotated[int | None, Form(ge=1, description="default: the production version, else the latest")] = None,
     score_threshold: Annotated[float, Form(ge=0.0, le=1.0)] = 0.3,
     format: Annotated[Literal["json", "png"], Form(description="json: instances; png: an overlay (one image)")] = "json",
+    async_: Annotated[bool, Form(alias="async", description="true: answer 202 with a job at once; its `output` "
+                                 "holds the instances when it succeeds (json only)")] = False,
 ) -> Any:
-    """Instances per image (category, score, bbox, RLE, polygons) or a PNG overlay."""
+    """Instances per image (category, score, bbox, RLE, polygons) or a PNG overlay; or, with
+    async=true, a job (202 + Location) whose `output` holds the instances."""
     rec = resolve_model(registry, model, version)
     if len(images) > settings.max_segment_images:
         raise ApiError(400, "too_many_images", f"{len(images)} images sent; at most {settings.max_segment_images} "
                        "per request (UPLVP_MAX_SEGMENT_IMAGES)")
+    if async_ and format != "json":
+        raise ApiError(400, "async_json_only", "async=true stores instances in the job: use format=json, or "
+                       "async=false for a PNG overlay")
     if format == "png" and len(images) != 1:
         raise ApiError(400, "png_needs_one_image", f"format=png returns one overlay: send exactly one image "
                        f"(got {len(images)}), or use format=json")
@@ -71,6 +99,8 @@ def post_segment(
             raise ApiError(400, "unsupported_image", f"{name} is {fmt}; send JPEG, PNG, BMP, TIFF or WebP",
                            [{"file": name, "format": fmt}])
         payload.append([name, base64.b64encode(data).decode("ascii")])
+    if async_:
+        return queue_segment_job(registry, celery, rec, payload, score_threshold)
     timeout = settings.segment_timeout_s
     res = celery.send_task(SEGMENT_TASK, args=[rec["artifact"], rec["sha256"], payload, score_threshold, format],
                            queue="infer", expires=timeout)
@@ -81,7 +111,8 @@ def post_segment(
         raise ApiError(504, "segment_timeout", f"no infer worker answered within {timeout:g} s "
                        "(UPLVP_SEGMENT_TIMEOUT_S); check GET /readyz") from None
     if "error" in out:
-        raise ApiError(400, out["error"]["code"], out["error"]["message"])
+        status = 500 if out["error"]["code"] == "artifact_unavailable" else 400  # ours to fix, not the user's
+        raise ApiError(status, out["error"]["code"], out["error"]["message"])
     headers = {"X-Model": rec["name"], "X-Model-Version": str(rec["version"])}
     if format == "png":
         return Response(base64.b64decode(out["results"][0]["png_base64"]), media_type="image/png", headers=headers)

@@ -70,12 +70,15 @@ def test_path_traversal_is_refused(client: Any, voc_zip: bytes) -> None:
     assert_error(post_finetune(client, buf.getvalue()), 400, "unsafe_zip", "'..'")
 
 
-def test_pretrained_base_runs_uplvp_first(client: Any, voc_zip: bytes) -> None:
-    """base=pretrained: Masks Proposal (offline engine) on the zip's images, pre-training, then fine-tuning."""
-    from tests.service_fixtures import wait_job
+def test_pretrained_base_runs_uplvp_first(client: Any, voc_zip: bytes, photos_zip: bytes) -> None:
+    """base=pretrained: Masks Proposal (offline engine) on the zip's images and the unlabeled zip's,
+    pre-training, then fine-tuning."""
+    from tests.service_fixtures import TINY, wait_job
 
-    resp = post_finetune(client, voc_zip, name="uplvp", base="pretrained", epochs="1", pretrain_epochs="1",
-                         max_masks="5")
+    resp = client.post("/finetune", files={"dataset": ("data.zip", voc_zip, "application/zip"),
+                                           "unlabeled": ("more.zip", photos_zip, "application/zip")},
+                       data={"name": "uplvp", **TINY, "base": "pretrained", "epochs": "1", "pretrain_epochs": "1",
+                             "max_masks": "5"})
     assert resp.status_code == 202, resp.text
     seen: list[tuple[str, float]] = []
 
@@ -85,7 +88,7 @@ def test_pretrained_base_runs_uplvp_first(client: Any, voc_zip: bytes) -> None:
 
     job = wait_job(client, resp.json()["id"], until=done, timeout_s=120)
     assert job["state"] == "succeeded", job
-    assert job["params"]["pretrain"] is True and job["base"] is None
+    assert job["params"]["pretrain"] is True and job["base"] is None and job["dataset"]["unlabeled_images"] == 3
     # The pseudo vocabulary is the dataset's category names, so the class head transfers too.
     assert job["result"]["init"]["class_head"] in ("transferred", "reordered") and job["result"]["init"]["loaded"] > 0
     assert "proposing" in [s for s, _ in seen]
@@ -93,6 +96,13 @@ def test_pretrained_base_runs_uplvp_first(client: Any, voc_zip: bytes) -> None:
     assert progress == sorted(progress)  # never goes backwards across stages
     rec = client.get(f"/models/uplvp/versions/{job['result']['version']}").json()
     assert rec["params"]["pretrain"] is True and rec["params"]["proposal_engine"] == "offline"
+
+
+def test_unlabeled_images_need_base_pretrained(client: Any, voc_zip: bytes, photos_zip: bytes) -> None:
+    resp = client.post("/finetune", files={"dataset": ("data.zip", voc_zip, "application/zip"),
+                                           "unlabeled": ("more.zip", photos_zip, "application/zip")},
+                       data={"name": "nope"})
+    assert_error(resp, 400, "unlabeled_needs_pretrained", "base=pretrained")
 
 
 def test_unknown_base_model(client: Any, voc_zip: bytes) -> None:

@@ -49,3 +49,19 @@ def test_input_errors(client: Any, voc_dir: Path, trained: dict[str, Any]) -> No
     assert_error(client.post("/segment", files=[("images", photo), ("images", photo)],
                              data={"model": "voc", "format": "png"}), 400, "png_needs_one_image", "exactly one")
     assert_error(client.post("/segment", data={"model": "voc"}), 400, "invalid_request", "images")
+
+
+def test_async_returns_a_job_whose_output_holds_the_instances(client: Any, voc_dir: Path,
+                                                               trained: dict[str, Any]) -> None:
+    from tests.service_fixtures import wait_job
+
+    resp = client.post("/segment", files=[("images", _photo(voc_dir))],
+                       data={"model": "voc", "score_threshold": "0", "async": "true"})
+    assert resp.status_code == 202, resp.text
+    assert resp.headers["location"] == f"/jobs/{resp.json()['id']}"
+    job = wait_job(client, resp.json()["id"], timeout_s=60)
+    assert job["state"] == "succeeded" and job["kind"] == "segment", job
+    out = job["output"]
+    assert out["model"] == "voc" and out["images"][0]["file_name"] == "voc_0.jpg" and out["images"][0]["instances"]
+    assert_error(client.post("/segment", files=[("images", _photo(voc_dir))],
+                             data={"model": "voc", "async": "true", "format": "png"}), 400, "async_json_only", "json")

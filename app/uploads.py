@@ -1,0 +1,72 @@
+"""Receiving uploaded zips: stream to disk under the size cap while hashing, then extract safely.
+
+Shared by POST /finetune (the dataset and the optional unlabeled zip) and POST /pretrain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import UploadFile
+
+from app.core.config import Settings
+from app.core.errors import ApiError
+from app.dataset import DatasetError, ZipLimits, safe_extract
+
+
+@dataclass
+class Received:
+    """An upload that was stored and extracted: its digest, size and original file name."""
+
+    sha256: str
+    size_bytes: int
+    filename: str | None
+
+
+def receive_zip(upload: UploadFile, field: str, dest: Path, settings: Settings, job_id: str) -> Received:
+    """Stream `upload` to a temp file (413 past UPLVP_MAX_UPLOAD_MB), then extract it into `dest`.
+
+    DatasetError (bad or unsafe zip) becomes an ApiError naming the form field; the temp file is
+    always removed. `dest` must not exist yet (a fresh folder per job).
+    """
+    uploads = settings.data_dir / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    zip_path = uploads / f"{job_id}.{field}.zip"
+    cap = int(settings.max_upload_mb * 2**20)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(zip_path, "wb") as out:
+            while chunk := upload.file.read(1 << 20):
+                size += len(chunk)
+                if size > cap:
+                    raise ApiError(413, "upload_too_large", f"'{field}' is larger than UPLVP_MAX_UPLOAD_MB "
+                                   f"({settings.max_upload_mb:g} MB)")
+                digest.update(chunk)
+                out.write(chunk)
+        limits = ZipLimits(settings.max_zip_members, int(settings.max_unzipped_mb * 2**20),
+                           settings.max_compression_ratio)
+        safe_extract(zip_path, dest, limits, field=field)
+    except DatasetError as exc:
+        raise ApiError(exc.status, exc.code, exc.message, exc.problems) from None
+    finally:
+        zip_path.unlink(missing_ok=True)
+    return Received(sha256=digest.hexdigest(), size_bytes=size, filename=upload.filename)
+
+
+@contextmanager
+def validating(work: Path) -> Iterator[Path]:
+    """Around receiving and checking a job's uploads: on any failure the job's folder is removed,
+    and a DatasetError becomes the ApiError that tells the user what to fix."""
+    try:
+        yield work
+    except DatasetError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise ApiError(exc.status, exc.code, exc.message, exc.problems) from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

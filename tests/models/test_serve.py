@@ -1,0 +1,82 @@
+"""`uplvp serve` (what `make run` runs): its own real Redis, a worker and the API, over real HTTP.
+
+Ctrl-C stops all three; a second start on the same data dir finds the earlier jobs and models.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.service_fixtures import ROOT, TINY, free_port
+
+
+def _serve(data_dir: Path, port: int, redis_port: int, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "UPLVP_REDIS_URL")}
+    env.update(UPLVP_HEARTBEAT_S="1", OMP_NUM_THREADS="1", UPLVP_WORKER_THREADS="1")
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--redis-port",
+                                 str(redis_port), "--data-dir", str(data_dir)], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ready(base: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"uplvp serve exited:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"not ready after {timeout_s} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen, ports: tuple[int, ...]) -> None:
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: SIGINT to the foreground group
+    assert proc.wait(timeout=60) == 0
+    for port in ports:  # the API and Redis are gone with it
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
+
+
+def test_serve_runs_the_stack_and_keeps_state_across_restarts(tmp_path: Path, voc_zip: bytes) -> None:
+    port, redis_port, log = free_port(), free_port(), tmp_path / "serve.log"
+    base = f"http://127.0.0.1:{port}"
+    proc = _serve(tmp_path / "data", port, redis_port, log)
+    try:
+        _ready(base, proc, log)
+        assert httpx.get(f"{base}/docs").status_code == 200
+        resp = httpx.post(f"{base}/finetune", files={"dataset": ("d.zip", voc_zip, "application/zip")},
+                          data={"name": "served", **TINY}, timeout=60)
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+        deadline = time.monotonic() + 120
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = httpx.get(f"{base}/jobs/{job_id}").json()
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.5)
+        assert job["state"] == "succeeded", (job, log.read_text()[-3000:])
+        _stop(proc, (port, redis_port))
+        assert (tmp_path / "data/redis/redis.log").exists()
+
+        proc = _serve(tmp_path / "data", port, redis_port, log)
+        _ready(base, proc, log)
+        again = httpx.get(f"{base}/jobs/{job_id}").json()
+        assert again["state"] == "succeeded" and again["result"] == job["result"]
+        assert httpx.get(f"{base}/models/served").json()["versions"] == [job["result"]["version"]]
+        _stop(proc, (port, redis_port))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
