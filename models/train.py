@@ -64,11 +64,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return opt
 
 
-def lr_at(step: int, epoch: int, cfg: TrainConfig) -> float:
-    """Learning rate for an optimizer step: linear warm-up, then x0.1 at each step epoch."""
+def lr_at(step: int, epoch: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
+    """Learning rate for an optimizer step: linear warm-up, then x0.1 at each step epoch.
+
+    Given the run's `total_steps`, the warm-up is capped at a quarter of them: 20 images for
+    12 epochs is 120 steps, and a 100-step warm-up would leave nothing trained at full lr.
+    """
     lr = cfg.lr * (0.1 ** sum(epoch >= max(1, round(f * cfg.epochs)) for f in cfg.lr_steps if f < 1))
-    if step < cfg.warmup_iters:
-        lr *= cfg.warmup_ratio + (1 - cfg.warmup_ratio) * step / cfg.warmup_iters
+    warmup = min(cfg.warmup_iters, total_steps // 4) if total_steps is not None else cfg.warmup_iters
+    if step < warmup:
+        lr *= cfg.warmup_ratio + (1 - cfg.warmup_ratio) * step / warmup
     return lr
 
 
@@ -126,7 +131,7 @@ def train(
         for i, batch in enumerate(bar):
             if hooks.should_stop and hooks.should_stop():
                 raise TrainingCancelled(f"cancelled in epoch {epoch + 1}, step {i}")
-            lr = lr_at(state.step, epoch, cfg)
+            lr = lr_at(state.step, epoch, cfg, cfg.epochs * len(loader))
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_mult"]
             losses = step_fn(model, batch)
@@ -149,7 +154,7 @@ def train(
             "epoch": epoch + 1,
             "loss": sums.get("loss", 0.0) / steps,
             "losses": {k: v / steps for k, v in sums.items() if k != "loss"},
-            "lr": lr_at(state.step, epoch, cfg),
+            "lr": lr_at(state.step, epoch, cfg, cfg.epochs * len(loader)),
             "train_time_s": elapsed,
             "images_per_s": n_images / elapsed if elapsed > 0 else 0.0,
         }

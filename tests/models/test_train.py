@@ -100,6 +100,14 @@ def test_lr_schedule_warmup_and_steps():
     assert lr_at(100, 11, cfg) == pytest.approx(1e-6)
 
 
+def test_warmup_is_capped_at_a_quarter_of_a_short_run():
+    cfg = TrainConfig(epochs=12, lr=1e-4, warmup_iters=100, warmup_ratio=0.001)
+    # 12 epochs x 5 steps = 60 steps: warm-up 15 steps, not 100 (which would outlast the run).
+    assert lr_at(15, 3, cfg, total_steps=60) == pytest.approx(1e-4)
+    assert lr_at(15, 3, cfg) == pytest.approx(1e-4 * (0.001 + 0.999 * 0.15))
+    assert lr_at(50, 3, cfg, total_steps=10_000) == pytest.approx(lr_at(50, 3, cfg))  # long runs: unchanged
+
+
 def _instance_iou(model, batch) -> float:
     """Mean IoU of each GT instance with its one-to-one (Hungarian) best kernel mask."""
     model.eval()

@@ -1,0 +1,273 @@
+"""Service benchmark: POST /segment through the whole stack vs the bare model call, on 2 CPU cores.
+
+Starts the real stack with `uplvp serve` (its own Redis, one Celery worker with 2 torch threads,
+the API) on free loopback ports and a temp data dir; trains a model through POST /finetune (the
+default K-Net, 1 epoch on coco128 at short side 384, so its outputs look like a real model's);
+then measures
+  - the bare model call: models.pipeline.segment on a Predictor in this process (decode, forward,
+    RLE + polygons), the work the worker does per request;
+  - POST /segment (format=json) with 1 client (sequential), 4 and 16 concurrent clients over
+    loopback: p50 / p99 latency and throughput;
+  - the API process' RSS before and after the load;
+  - job submission: POST /finetune answer time, and time from its 202 until the job is `running`.
+Images: the first 20 of coco128, cycled. Results: bench/results/service.{json,md}.
+
+    python bench/service.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+
+from bench.common import RESULTS, ROOT, machine, require_data  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    """Current and peak resident memory of a process (Linux /proc)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return {"rss_mb": out["VmRSS"], "peak_rss_mb": out["VmHWM"]}
+
+
+def api_pid(port: int) -> int:
+    """The uvicorn process serving `port` (a child of `uplvp serve`)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"uvicorn" in b" ".join(cmd) and str(port).encode() in cmd:
+                return int(proc.name)
+    raise RuntimeError(f"no uvicorn process on port {port}")
+
+
+def coco_zip(data: Path) -> bytes:
+    """coco128 (annotations + images) as an uploadable zip."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.write(data / "coco128/annotations/instances_val2017.json", "annotations.json")
+        for f in sorted((data / "coco128/val2017").iterdir()):
+            zf.write(f, f"images/{f.name}")
+    return buf.getvalue()
+
+
+def wait_state(base: str, job_id: str, states: tuple[str, ...], timeout_s: float, poll_s: float = 0.5) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = httpx.get(f"{base}/jobs/{job_id}", timeout=30).json()
+        if job["state"] in states:
+            return job
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job_id} still {job['state']} after {timeout_s} s")
+        time.sleep(poll_s)
+
+
+def load(base: str, images: list[tuple[str, bytes]], clients: int, seconds: float, requests: int | None,
+         threshold: float) -> dict[str, Any]:
+    """`clients` threads posting one image each to /segment until `seconds` pass (or `requests` are done)."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    instances: list[int] = []
+    lock = threading.Lock()
+    counter = iter(range(10**9))
+    stop_at = time.monotonic() + seconds
+
+    def worker() -> None:
+        with httpx.Client(timeout=300) as c:
+            while time.monotonic() < stop_at:
+                i = next(counter)
+                if requests is not None and i >= requests:
+                    return
+                name, data = images[i % len(images)]
+                t0 = time.perf_counter()
+                r = c.post(f"{base}/segment", files={"images": (name, data, "image/jpeg")},
+                           data={"model": "bench", "score_threshold": str(threshold)})
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(dt)
+                        instances.append(len(r.json()["images"][0]["instances"]))
+                    else:
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "error_samples": errors[:3],
+            "p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99),
+            "mean_ms": 1000 * statistics.mean(latencies), "throughput_rps": len(latencies) / wall,
+            "instances_per_image": statistics.mean(instances)}
+
+
+def bare(artifact: Path, images: list[tuple[str, bytes]], n: int, threshold: float, threads: int) -> dict[str, Any]:
+    """The worker's work per request, in this process: decode + forward + RLE/polygons."""
+    from models.pipeline import PredictorCache, segment
+
+    predictor = PredictorCache(1, threads).get(artifact)
+    for name, data in images[:3]:  # warm-up
+        segment(predictor, [(name, data)], threshold, "json")
+    latencies = []
+    for i in range(n):
+        name, data = images[i % len(images)]
+        t0 = time.perf_counter()
+        segment(predictor, [(name, data)], threshold, "json")
+        latencies.append(time.perf_counter() - t0)
+    return {"requests": n, "p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99),
+            "mean_ms": 1000 * statistics.mean(latencies)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the worker and of the bare call")
+    p.add_argument("--requests", type=int, default=60, help="sequential requests (1 client, and the bare call)")
+    p.add_argument("--seconds", type=float, default=40, help="duration of the 4- and 16-client runs")
+    p.add_argument("--threshold", type=float, default=0.3)
+    p.add_argument("--train-epochs", type=int, default=1)
+    args = p.parse_args()
+    data = require_data()
+    images = [(f.name, f.read_bytes()) for f in sorted((data / "coco128/val2017").iterdir())[:20]]
+    tmp = Path(tempfile.mkdtemp(prefix="uplvp-bench-service-"))
+    port, redis_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "UPLVP_REDIS_URL")}
+    env.update(OMP_NUM_THREADS=str(args.threads), UPLVP_WORKER_THREADS=str(args.threads),
+               UPLVP_SEGMENT_TIMEOUT_S="300")
+    log = open(tmp / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--redis-port",
+                              str(redis_port), "--data-dir", str(tmp / "data")], cwd=ROOT, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    result: dict[str, Any] = {"settings": vars(args), "machine": machine()}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or serve.poll() is not None:
+                raise RuntimeError("the stack did not become ready; see " + str(tmp / "serve.log"))
+            time.sleep(0.5)
+        pid = api_pid(port)
+        result["api_idle"] = rss_mb(pid)
+
+        # A model to serve (and the submission latencies of its job).
+        zipped = coco_zip(data)
+        t0 = time.perf_counter()
+        r = httpx.post(f"{base}/finetune", files={"dataset": ("coco128.zip", zipped, "application/zip")},
+                       data={"name": "bench", "epochs": str(args.train_epochs), "image_size": "384",
+                             "val_fraction": "0"}, timeout=300)
+        post_s = time.perf_counter() - t0
+        r.raise_for_status()
+        t1 = time.perf_counter()
+        wait_state(base, r.json()["id"], ("running", "succeeded", "failed"), 120, poll_s=0.01)
+        to_running = time.perf_counter() - t1
+        job = wait_state(base, r.json()["id"], ("succeeded", "failed", "cancelled"), 3600, poll_s=2)
+        if job["state"] != "succeeded":
+            raise RuntimeError(f"training the bench model failed: {job['error']}")
+        result["submission"] = {"zip_mb": len(zipped) / 2**20, "post_s": post_s, "to_running_s": to_running}
+        print(f"model trained; POST /finetune {post_s:.2f} s, to running {to_running:.3f} s", flush=True)
+
+        # Submission latency on an idle worker, 5 times (each job cancelled once it runs).
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            r = httpx.post(f"{base}/finetune", files={"dataset": ("d.zip", zipped, "application/zip")},
+                           data={"name": "bench-submit", "epochs": "1"}, timeout=300)
+            t1 = time.perf_counter()
+            wait_state(base, r.json()["id"], ("running",), 60, poll_s=0.005)
+            runs.append((t1 - t0, time.perf_counter() - t1))
+            httpx.post(f"{base}/jobs/{r.json()['id']}/cancel")
+            wait_state(base, r.json()["id"], ("cancelled", "failed", "succeeded"), 120, poll_s=0.1)
+        result["submission"]["repeated"] = {"post_s_median": statistics.median(a for a, _ in runs),
+                                              "to_running_s_median": statistics.median(b for _, b in runs),
+                                              "to_running_s_max": max(b for _, b in runs)}
+
+        version = job["result"]["version"]
+        artifact = tmp / "data" / "models" / "bench" / f"v{version}" / "model.pt"
+        result["bare"] = bare(artifact, images, args.requests, args.threshold, args.threads)
+        print("bare", result["bare"], flush=True)
+        load(base, images, 1, 60, 5, args.threshold)  # warm the worker's model cache
+        result["load"] = [load(base, images, 1, 600, args.requests, args.threshold)]
+        print("1 client", result["load"][0], flush=True)
+        for clients in (4, 16):
+            result["load"].append(load(base, images, clients, args.seconds, None, args.threshold))
+            print(f"{clients} clients", result["load"][-1], flush=True)
+        result["api_after"] = rss_mb(pid)
+        result["overhead_p50"] = result["load"][0]["p50_ms"] / result["bare"]["p50_ms"] - 1
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "service.json").write_text(json.dumps(result, indent=2))
+    b, loads, sub = result["bare"], result["load"], result["submission"]
+    lines = ["# Service benchmark: POST /segment through the stack (`bench/service.py`)", "",
+             f"Machine: {result['machine']['cpu']}, {args.threads} torch threads in the worker; the API, Redis, "
+             "the worker and the clients share the machine's 2 cores. Model: default K-Net (width 128, 50 kernels, "
+             f"3 stages, MobileNetV2), {args.train_epochs} epoch(s) on coco128 at short side 384; images: 20 "
+             f"coco128 photos; score threshold {args.threshold}; format=json (RLE + polygons).", "",
+             "| path | clients | requests | p50 ms | p99 ms | throughput req/s | 5xx/errors | instances/img |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| bare model call (in process) | 1 | {b['requests']} | {b['p50_ms']:.0f} | {b['p99_ms']:.0f} "
+             f"| {1000 / b['mean_ms']:.2f} | 0 | – |"]
+    for row in loads:
+        lines.append(f"| POST /segment | {row['clients']} | {row['requests']} | {row['p50_ms']:.0f} "
+                     f"| {row['p99_ms']:.0f} | {row['throughput_rps']:.2f} | {row['errors']} "
+                     f"| {row['instances_per_image']:.1f} |")
+    lines += ["", f"Stack overhead at p50 with 1 client: **{100 * result['overhead_p50']:.1f} %** (target ≤ 15 %).",
+              f"API process RSS: {result['api_idle']['rss_mb']:.0f} MB idle, {result['api_after']['rss_mb']:.0f} MB "
+              f"after the load (peak {result['api_after']['peak_rss_mb']:.0f} MB).",
+              f"Job submission: POST /finetune with coco128 ({sub['zip_mb']:.0f} MB zip, 128 images validated before "
+              f"queueing) answers in {sub['repeated']['post_s_median']:.2f} s (median of 5); 202 → `running` "
+              f"{1000 * sub['repeated']['to_running_s_median']:.0f} ms median, "
+              f"{1000 * sub['repeated']['to_running_s_max']:.0f} ms max, on an idle worker."]
+    (RESULTS / "service.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
