@@ -15,7 +15,9 @@ Every problem found (up to a cap) is reported, so a user fixes the zip once. Dee
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import stat
 import zipfile
 from dataclasses import dataclass, field
@@ -65,6 +67,112 @@ class DatasetLayout:
         return dict(self.__dict__)
 
 
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def image_problem(src: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, tuple[int, int]]:
+    """(why the file is not usable, or None; its (width, height) as stored).
+
+    Usable: a format on the allow-list, at most `max_pixels` pixels (checked from the header,
+    before any decoding: the decompression-bomb guard), and fully decodable (a truncated or
+    corrupt file is caught here, not in the middle of training). JPEGs are decoded at 1/8 scale,
+    which still reads every byte of the file.
+    """
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            fmt, size = im.format, im.size
+            if fmt not in PIL_FORMATS:
+                return f"is {fmt}, which is not supported (use JPEG, PNG, BMP, TIFF or WebP)", size
+            if size[0] * size[1] > max_pixels:
+                return (f"has {size[0]}x{size[1]} pixels, more than the cap of {max_pixels} "
+                        "(UPLVP_MAX_IMAGE_PIXELS)"), size
+            if fmt in ("JPEG", "MPO"):
+                im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+    except Image.DecompressionBombError as exc:
+        return f"is a decompression bomb ({exc})", (0, 0)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        return f"is not a readable image ({exc})", (0, 0)
+    return None, size
+
+
+def _finite(values: Any) -> bool:
+    return isinstance(values, list) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def rle_runs(counts: str) -> list[int] | None:
+    """The run lengths of a COCO compressed RLE string, or None if it is malformed.
+
+    The format (pycocotools' maskApi.c): each run is a little-endian base-32 number in chars
+    48..111, 5 bits per char with bit 0x20 meaning "more", the last char's bit 0x10 its sign;
+    from the third run on, the number is a delta to the run two places back.
+    """
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                return None
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def annotation_problem(a: dict[str, Any], width: float, height: float) -> str | None:
+    """Why an annotation's geometry cannot be right for a width x height image, or None.
+
+    Polygons: each at least 3 points of finite numbers inside the image (tolerance: 2 % of the
+    image and 2 px, for annotation tools that overshoot edges). RLE: its size must be the image's.
+    bbox: 4 finite numbers, non-negative width/height, inside the image with the same tolerance.
+    """
+    tol = 0.02 * max(width, height) + 2
+    seg = a.get("segmentation")
+    if isinstance(seg, list):
+        if not seg:
+            return "has an empty 'segmentation' list"
+        for poly in seg:
+            if not _finite(poly) or len(poly) < 6 or len(poly) % 2:
+                return "has a polygon that is not a flat list of at least 3 finite (x, y) points"
+            xs, ys = poly[0::2], poly[1::2]
+            if min(xs) < -tol or min(ys) < -tol or max(xs) > width + tol or max(ys) > height + tol:
+                return (f"has a polygon outside the {width:g}x{height:g} image (x {min(xs):g}..{max(xs):g}, "
+                        f"y {min(ys):g}..{max(ys):g})")
+    elif isinstance(seg, dict):
+        size = seg.get("size")
+        if "counts" not in seg or not isinstance(seg["counts"], (str, list)):
+            return "has an RLE without 'counts'"
+        if size != [height, width]:
+            return f"has an RLE of size {size}, but its image is [{height:g}, {width:g}] (height, width)"
+        counts = seg["counts"]
+        if isinstance(counts, list) and (not _finite(counts) or sum(counts) != height * width):
+            return f"has an uncompressed RLE whose counts do not add up to height x width ({height:g} x {width:g})"
+        if isinstance(counts, str):
+            runs = rle_runs(counts)  # pycocotools decodes a corrupt string to garbage instead of failing
+            if runs is None or any(r < 0 for r in runs) or sum(runs) != height * width:
+                return "has a compressed RLE whose 'counts' string is corrupt (its runs do not cover the image)"
+    else:
+        return "has a 'segmentation' that is neither polygons nor RLE"
+    if "bbox" in a:
+        box = a["bbox"]
+        if not _finite(box) or len(box) != 4 or box[2] < 0 or box[3] < 0:
+            return "has a bbox that is not [x, y, width, height] of finite numbers with width, height >= 0"
+        if box[0] < -tol or box[1] < -tol or box[0] + box[2] > width + tol or box[1] + box[3] > height + tol:
+            return f"has a bbox {box} outside the {width:g}x{height:g} image"
+    if a.get("iscrowd", 0) not in (0, 1):
+        return f"has iscrowd {a.get('iscrowd')!r}; it must be 0 or 1"
+    return None
+
+
 def _unsafe_name(name: str) -> str | None:
     if "\x00" in name:
         return "contains a NUL byte"
@@ -99,11 +207,18 @@ def safe_extract(zip_path: str | Path, dest: str | Path, limits: ZipLimits, fiel
             raise DatasetError("zip_too_large", f"the zip unpacks to {total / 2**20:.0f} MB; at most "
                                f"{limits.max_total_bytes / 2**20:.0f} MB are accepted", status=413)
         problems: list[dict[str, str]] = []
+        seen: set[str] = set()
         for i in infos:
             why = _unsafe_name(i.filename)
             mode = (i.external_attr >> 16) & 0xFFFF
+            norm = i.filename.replace("\\", "/").rstrip("/").lower()
             if why is None and stat.S_ISLNK(mode):
                 why = "is a symbolic link"
+            if why is None and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                why = "is a device file, FIFO or socket"
+            if why is None and norm in seen:
+                why = "appears twice (names are compared ignoring case)"
+            seen.add(norm)
             if why is None and i.compress_size and i.file_size / max(1, i.compress_size) > limits.max_ratio:
                 why = f"has a compression ratio above {limits.max_ratio:.0f} (zip bomb guard)"
             if why:
@@ -170,7 +285,8 @@ def _find_image_root(ann: Path, raw: dict, root: Path) -> Path:
     return best
 
 
-def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: list[dict[str, str]]) -> int:
+def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: list[dict[str, str]],
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     """Append schema/reference problems; returns the number of annotations."""
     fname = str(ann.relative_to(root))
 
@@ -193,6 +309,7 @@ def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: li
     if not raw["images"]:
         add("invalid_coco", "'images' is empty")
     image_ids: set[int] = set()
+    sizes: dict[int, tuple[float, float]] = {}
     for im in raw["images"]:
         if not isinstance(im, dict) or not all(k in im for k in ("id", "file_name", "height", "width")):
             add("invalid_coco", f"image entry {str(im)[:60]} needs 'id', 'file_name', 'height' and 'width'")
@@ -201,6 +318,10 @@ def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: li
             add("invalid_coco", f"image id {im['id']!r} is not an integer or appears twice")
             continue
         image_ids.add(im["id"])
+        if not _finite([im["width"], im["height"]]) or im["width"] <= 0 or im["height"] <= 0:
+            add("invalid_coco", f"image {im['id']}: width and height must be positive numbers")
+            continue
+        sizes[im["id"]] = (im["width"], im["height"])
         name = im["file_name"]
         if not isinstance(name, str) or not name or _unsafe_name(name):
             add("invalid_coco", f"image {im['id']}: file_name {name!r} must be a relative path")
@@ -214,14 +335,12 @@ def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: li
             add("unsupported_image", f"image {im['id']}: {name} has an unsupported type; use one of "
                 + ", ".join(IMAGE_EXTENSIONS))
             continue
-        try:
-            with Image.open(path) as pil:
-                fmt = pil.format
-        except (UnidentifiedImageError, OSError) as exc:
-            add("unsupported_image", f"image {im['id']}: {name} is not a readable image ({exc})")
-            continue
-        if fmt not in PIL_FORMATS:
-            add("unsupported_image", f"image {im['id']}: {name} is {fmt}, which is not supported")
+        why, (w, h) = image_problem(path, max_pixels)
+        if why:
+            add("unsupported_image", f"image {im['id']}: {name} {why}")
+        elif (w, h) not in ((im["width"], im["height"]), (im["height"], im["width"])):  # EXIF-rotated: swapped
+            add("invalid_coco", f"image {im['id']}: {name} is {w}x{h} pixels but 'images' says "
+                f"{im['width']}x{im['height']}")
     for pos, a in enumerate(raw["annotations"]):
         if not isinstance(a, dict):
             add("invalid_coco", f"annotation #{pos} is not an object")
@@ -234,12 +353,16 @@ def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: li
                 "which is not in 'categories'")
         if "segmentation" not in a:
             add("invalid_coco", f"annotation {aid} has no 'segmentation' (polygons or RLE)")
+        elif a.get("image_id") in sizes:
+            why = annotation_problem(a, *sizes[a["image_id"]])
+            if why:
+                add("invalid_coco", f"annotation {aid} {why}")
     if not raw["annotations"]:
         add("invalid_coco", "'annotations' is empty: there is nothing to learn from")
     return len(raw["annotations"])
 
 
-def inspect_dataset(root: str | Path) -> DatasetLayout:
+def inspect_dataset(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DatasetLayout:
     """Find and check the COCO annotations and images of an extracted dataset."""
     root = Path(root).resolve()
     jsons = sorted(p for p in root.rglob("*.json") if p.is_file() and not _hidden(p.relative_to(root)))
@@ -271,11 +394,11 @@ def inspect_dataset(root: str | Path) -> DatasetLayout:
         train, val = trains[0], vals[0]
     problems: list[dict[str, str]] = []
     train_images = _find_image_root(train, coco[train], root)
-    n_ann = _check_coco(train, coco[train], train_images, root, problems)
+    n_ann = _check_coco(train, coco[train], train_images, root, problems, max_pixels)
     val_images = None
     if val is not None:
         val_images = _find_image_root(val, coco[val], root)
-        _check_coco(val, coco[val], val_images, root, problems)
+        _check_coco(val, coco[val], val_images, root, problems, max_pixels)
     if problems:
         code = problems[0]["code"]
         more = f" (and {len(problems) - 1} more problem(s), see details)" if len(problems) > 1 else ""
@@ -288,7 +411,7 @@ def inspect_dataset(root: str | Path) -> DatasetLayout:
         num_images=len(coco[train]["images"]), num_annotations=n_ann, categories=names)
 
 
-def inspect_images(root: str | Path) -> int:
+def inspect_images(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     """Count the readable images under an extracted zip of unlabeled photos (any folder depth).
 
     DatasetError "no_images" when there is none; "unsupported_image" listing every file (up to
@@ -302,13 +425,7 @@ def inspect_images(root: str | Path) -> int:
                            + ", ".join(IMAGE_EXTENSIONS) + ")")
     problems: list[dict[str, str]] = []
     for p in files:
-        try:
-            with Image.open(p) as pil:
-                fmt = pil.format
-        except (UnidentifiedImageError, OSError) as exc:
-            fmt, why = None, f"not a readable image ({exc})"
-        else:
-            why = None if fmt in PIL_FORMATS else f"is {fmt}, which is not supported"
+        why, _ = image_problem(p, max_pixels)
         if why and len(problems) < MAX_PROBLEMS:
             problems.append({"file": str(p.relative_to(root)), "code": "unsupported_image", "problem": why})
     if problems:

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from app.api.routes import finetune, health, jobs, models, pretrain, segment
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
+from app.core.security import parse_api_keys
 from app.registry import from_settings
 from app.schemas import ErrorResponse
 
@@ -17,6 +18,9 @@ DESCRIPTION = """Fine-tune K-Net instance-segmentation models on small COCO data
 * `/models` lists versions, promotes one to `production`, downloads or deletes them.
 
 Every error is `{"error": {"code", "message", "details"}}`, the message saying what to fix.
+
+Authentication (when the server has keys): `Authorization: Bearer <key>` or `X-API-Key: <key>`;
+read-only keys may segment, list and download. Over a rate limit: 429 with `Retry-After`.
 """
 
 
@@ -25,10 +29,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from worker.celery_app import make_celery
 
     settings = settings or get_settings()
+    parse_api_keys(settings.api_keys.get_secret_value())  # a malformed UPLVP_API_KEYS stops the start, naming why
     # The body cap streams: an over-size upload is refused with 413 while it arrives, not after.
     max_body = int(settings.max_upload_mb * 2**20) + 2**20  # + multipart overhead and form fields
     app = FastAPI(title="uplvp", version="0.1.0", description=DESCRIPTION, max_body_size=max_body,
-                  responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+                  responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
+                             403: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                             429: {"model": ErrorResponse}})
     app.state.settings = settings
     app.state.registry = from_settings(settings)
     app.state.celery = make_celery(settings)

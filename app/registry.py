@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from app.core.config import Settings
 from app.storage import ArtifactStore, LocalStore, build_store
@@ -66,6 +68,21 @@ end
 return s
 """
 
+# A running job whose run lock is gone lost its worker (a live run refreshes the lock every ttl/5
+# from a keep-alive thread): put it back in the queue, or fail it after too many attempts.
+_REQUEUE_ORPHAN = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 'not_running' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'alive' end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if attempts >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[1], 'updated_at', ARGV[1], 'error', ARGV[3])
+  redis.call('SREM', KEYS[3], ARGV[4])
+  return 'failed'
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[1])
+return 'requeued'
+"""
+
 _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -101,9 +118,15 @@ def from_settings(settings: Settings) -> Registry:
 
 
 def connect(url: str) -> redis.Redis:
-    """A Redis client that decodes strings and retries briefly on connection errors."""
-    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30,
-                                retry_on_timeout=True)
+    """A Redis client that decodes strings and rides out a Redis restart.
+
+    Every command (scripts and pipelines too) is retried on connection errors and timeouts with
+    exponential backoff, about 20 s in all: a restarted Redis (append-only file) is back long
+    before that, so training steps, job updates and API requests wait instead of failing.
+    """
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
+                                health_check_interval=30,
+                                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=25))
 
 
 class Registry:
@@ -117,6 +140,7 @@ class Registry:
         self._cancel = client.register_script(_CANCEL)
         self._refresh = client.register_script(_REFRESH)
         self._release = client.register_script(_RELEASE)
+        self._requeue_orphan = client.register_script(_REQUEUE_ORPHAN)
 
     # ------------------------------------------------------------------ jobs
 
@@ -130,11 +154,11 @@ class Registry:
         return self.data_dir / "jobs" / job_id
 
     def create_job(self, job_id: str, name: str, params: dict[str, Any], dataset: dict[str, Any],
-                   base: str | None, kind: str = "finetune") -> dict[str, Any]:
-        """Record a queued job of `kind` (finetune, pretrain or segment)."""
+                   base: str | None, kind: str = "finetune", owner: str = "") -> dict[str, Any]:
+        """Record a queued job of `kind` (finetune, pretrain or segment) submitted by `owner` (a key id)."""
         assert kind in JOB_KINDS, kind
         ts, score = now_iso(), time.time()
-        record = {"id": job_id, "kind": kind, "name": name, "state": "queued", "stage": "", "progress": "0", "epoch": "0",
+        record = {"id": job_id, "kind": kind, "owner": owner, "name": name, "state": "queued", "stage": "", "progress": "0", "epoch": "0",
                   "epochs": str(params.get("epochs", 0)), "step": "0", "steps_per_epoch": "0",
                   "created_at": ts, "updated_at": ts, "cancel_requested": "0", "base": base or "",
                   "params": _dump(params), "dataset": _dump(dataset), "attempts": "0"}
@@ -256,6 +280,22 @@ class Registry:
     def release_lock(self, job_id: str, token: str) -> None:
         """Release the lock if this token still holds it."""
         self._release(keys=[f"{P}job:{job_id}:lock"], args=[token])
+
+    def requeue_orphans(self, max_attempts: int) -> list[tuple[str, str, str]]:
+        """Running jobs whose lock expired (their worker died): back to queued, or failed after
+        `max_attempts` runs. Returns [(job id, kind, "requeued" | "failed")]; the caller re-sends
+        the requeued ones' tasks. Atomic per job, so several workers may call it at once."""
+        out = []
+        for job_id in self.r.smembers(f"{P}jobs:active"):
+            if self.r.hget(f"{P}job:{job_id}", "state") != "running":
+                continue
+            error = _dump({"code": "worker_lost", "message": f"the worker running this job died {max_attempts} "
+                           "times (killed, out of memory, or the machine went away); see the worker logs"})
+            res = str(self._requeue_orphan(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:lock", f"{P}jobs:active"],
+                                           args=[now_iso(), max_attempts, error, job_id]))
+            if res in ("requeued", "failed"):
+                out.append((job_id, self.r.hget(f"{P}job:{job_id}", "kind") or "finetune", res))
+        return out
 
     # ------------------------------------------------------------------ models
 

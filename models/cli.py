@@ -443,8 +443,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     procs.append(("worker", subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
                                               "-Q", "train,infer", "-c", "1", "--loglevel", "INFO"], env=env,
                                              start_new_session=True)))
-    procs.append(("api", subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                                           "--host", args.host, "--port", str(args.port)], env=env,
+    procs.append(("api", subprocess.Popen([sys.executable, "-m", "app", "--host", args.host, "--port", str(args.port)],
+                                          env=env,
                                           start_new_session=True)))
     print(f"uplvp serve: API on http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops", flush=True)
     stopping = False

@@ -252,6 +252,7 @@ def run_finetune(
     eval_set = CocoDataset(eval_ann, TransformConfig(tcfg.short_side, tcfg.max_long_side, flip_prob=0.0), train=False)
     metrics = evaluate_model(model, eval_ann, eval_set, batch_size=tcfg.batch_size, mask_threshold=mcfg.mask_threshold)
     metrics["evaluated_on"] = "val" if eval_ann is not train_set_ann else "train"
+    _check_stop(hooks)  # a cancel during evaluation: no version is produced
     artifact = save_checkpoint(work / "model.pt", model, mcfg, tcfg, categories.to_coco(), state.history,
                                extra={"params": asdict(params), "metrics": metrics})
     return FinetuneResult(artifact=artifact, metrics=metrics, history=state.history, categories=categories.to_coco(),

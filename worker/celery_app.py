@@ -62,9 +62,15 @@ def _heartbeat_loop(hostname: str) -> None:
 
     s = get_settings()
     registry = from_settings(s)
+    tasks = {"finetune": FINETUNE_TASK, "pretrain": PRETRAIN_TASK}
     while not _stop.is_set():
         try:
             registry.heartbeat(hostname, 3 * s.heartbeat_s, {"pid_host": socket.gethostname()})
+            # The reaper: jobs whose worker died (their lock expired) go back to the queue.
+            for job_id, kind, outcome in registry.requeue_orphans(s.max_job_attempts):
+                log.warning("job %s lost its worker: %s", job_id, outcome)
+                if outcome == "requeued" and kind in tasks:
+                    celery_app.send_task(tasks[kind], args=[job_id], queue="train")
         except Exception as exc:  # noqa: BLE001 - Redis down for a moment: try again next period
             log.warning("heartbeat failed (%s); retrying in %s s", exc, s.heartbeat_s)
         _stop.wait(s.heartbeat_s)

@@ -13,7 +13,9 @@ is its async form (POST /segment with async=true). Loaded models stay in an LRU 
 from __future__ import annotations
 
 import base64
+import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -25,6 +27,7 @@ from app.registry import TERMINAL, NotFound, Registry, from_settings
 from app.storage import ArtifactError
 from worker.celery_app import FINETUNE_TASK, PRETRAIN_TASK, SEGMENT_JOB_TASK, SEGMENT_TASK, celery_app
 
+log = logging.getLogger("uplvp.worker")
 _registry: Registry | None = None
 _predictors: Any = None
 
@@ -35,6 +38,36 @@ def registry() -> Registry:
     if _registry is None:
         _registry = from_settings(get_settings())
     return _registry
+
+
+class LockKeeper:
+    """Keeps a job's run lock alive from a thread (every ttl/5) while the job runs, whatever the
+    job is doing (a long evaluation makes no training steps). `lost` is set when someone else
+    holds the lock: this run must stop. A dead worker stops refreshing, so its lock expires and
+    the reaper (worker.celery_app) re-queues the job."""
+
+    def __init__(self, reg: Registry, job_id: str, token: str, ttl_s: int) -> None:
+        self.reg, self.job_id, self.token, self.ttl = reg, job_id, token, ttl_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lock-{job_id[:8]}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl / 5):
+            try:
+                if not self.reg.refresh_lock(self.job_id, self.token, self.ttl):
+                    self.lost.set()
+                    return
+            except Exception as exc:  # noqa: BLE001 - Redis away longer than the client's retries: try again
+                log.warning("could not refresh the lock of job %s (%s)", self.job_id, exc)
+
+    def __enter__(self) -> LockKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class JobReporter:
@@ -51,18 +84,16 @@ class JobReporter:
         "pretrain": {"validating": (0.0, 0.02), "proposing": (0.02, 0.3), "pretraining": (0.3, 0.98)},
     }
 
-    def __init__(self, reg: Registry, job_id: str, token: str, epochs: int, lock_ttl_s: int,
+    def __init__(self, reg: Registry, job_id: str, epochs: int, lock_lost: Callable[[], bool] = lambda: False,
                  min_interval_s: float = 0.5, pretrain_epochs: int = 0, plan: str = "finetune") -> None:
-        self.reg, self.job_id, self.token, self.ttl = reg, job_id, token, lock_ttl_s
+        self.reg, self.job_id, self.lock_lost = reg, job_id, lock_lost
         self.epochs = max(1, epochs)
         self.pretrain_epochs = max(1, pretrain_epochs or epochs)
         self.ranges = self.RANGES[plan]
         self.finetunes_after = plan == "uplvp"  # the ETA of pre-training includes the fine-tuning after it
         self.min_interval_s = min_interval_s
-        self.lost_lock = False
         self.stage = "validating"
         self._last_write = 0.0
-        self._last_refresh = time.monotonic()
         self._t0: float | None = None
         self._done0 = 0
 
@@ -99,15 +130,14 @@ class JobReporter:
         """Epoch summary: mean losses of the epoch."""
         self.reg.update_job(self.job_id, epoch=entry["epoch"], losses={"loss": entry["loss"], **entry["losses"]})
 
+    @property
+    def lost_lock(self) -> bool:
+        """Another run holds this job's lock now."""
+        return self.lock_lost()
+
     def should_stop(self) -> bool:
         """True when a cancel was requested or this run lost its lock (checked every step)."""
-        now = time.monotonic()
-        if now - self._last_refresh > self.ttl / 5:
-            self._last_refresh = now
-            if not self.reg.refresh_lock(self.job_id, self.token, self.ttl):
-                self.lost_lock = True
-                return True
-        return self.reg.cancel_requested(self.job_id)
+        return self.lost_lock or self.reg.cancel_requested(self.job_id)
 
     def hooks(self) -> Any:
         """These callbacks as a models.pipeline.PipelineHooks."""
@@ -169,7 +199,7 @@ def _base_ref(base: str) -> tuple[str, int]:
     return name, int(version)
 
 
-def run_training_job(job_id: str, reg: Registry, token: str,
+def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
                      body: Callable[[dict[str, Any], Registry, Any, JobReporter], dict[str, Any]]) -> str:
     """Run one training job while holding its lock; returns the final state (or 'lost_lock')."""
     from models.errors import UplvpError
@@ -186,8 +216,7 @@ def run_training_job(job_id: str, reg: Registry, token: str,
     if s.worker_threads:
         params.threads = s.worker_threads
     plan = "pretrain" if job["kind"] == "pretrain" else "uplvp" if params.pretrain else "finetune"
-    reporter = JobReporter(reg, job_id, token, params.epochs, s.job_lock_ttl_s,
-                           pretrain_epochs=params.pretrain_epochs, plan=plan)
+    reporter = JobReporter(reg, job_id, params.epochs, lock_lost, pretrain_epochs=params.pretrain_epochs, plan=plan)
     try:
         out = body(job, reg, params, reporter)
     except TrainingCancelled:
@@ -214,11 +243,6 @@ def run_training_job(job_id: str, reg: Registry, token: str,
     return "succeeded"
 
 
-def run_finetune_job(job_id: str, reg: Registry, token: str) -> str:
-    """A fine-tuning job (kept by name: tests and tools call it)."""
-    return run_training_job(job_id, reg, token, _finetune_body)
-
-
 def _training_task(task: Any, job_id: str, body: Callable[..., dict[str, Any]]) -> str:
     """Lock, run, release, clean up: shared by the finetune and pretrain tasks."""
     s = get_settings()
@@ -232,17 +256,24 @@ def _training_task(task: Any, job_id: str, body: Callable[..., dict[str, Any]]) 
             return "missing"
         # Another run holds the lock (or a dead run's lock has not expired yet): try again later.
         raise task.retry(countdown=min(60, s.job_lock_ttl_s))
-    state = "failed"
     try:
-        state = run_training_job(job_id, reg, token, body)
-        return state
+        with LockKeeper(reg, job_id, token, s.job_lock_ttl_s) as keeper:
+            return run_training_job(job_id, reg, keeper.lost.is_set, body)
     except Exception as exc:
-        _fail(reg, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        try:
+            _fail(reg, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - Redis unreachable: the lock expires and the reaper re-queues the job
+            log.exception("could not record the failure of job %s", job_id)
         raise
     finally:
-        reg.release_lock(job_id, token)
-        if state in TERMINAL:
-            shutil.rmtree(reg.job_dir(job_id), ignore_errors=True)
+        try:
+            reg.release_lock(job_id, token)
+            # The work dir (dataset, checkpoints) goes only when the registry says the job is over:
+            # a run that died of a Redis outage is resumed from it.
+            if reg.get_job(job_id)["state"] in TERMINAL:
+                shutil.rmtree(reg.job_dir(job_id), ignore_errors=True)
+        except Exception:  # noqa: BLE001
+            log.exception("could not release job %s", job_id)
 
 
 @celery_app.task(name=FINETUNE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)

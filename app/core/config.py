@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,8 +32,18 @@ class Settings(BaseSettings):
     max_segment_images: int = Field(16, gt=0, description="images per POST /segment request")
     model_cache_size: int = Field(4, gt=0, description="models an infer worker keeps loaded (LRU)")
     worker_threads: int = Field(0, ge=0, description="torch threads in the worker (0: torch's default)")
-    job_lock_ttl_s: int = Field(300, gt=10, description="expiry of a job's run lock (refreshed every training step)")
+    job_lock_ttl_s: int = Field(60, ge=2, description="expiry of a job's run lock, refreshed every ttl/5 while the job "
+                                "runs; a job whose worker died is re-queued within about this long")
+    max_job_attempts: int = Field(3, ge=1, description="runs of a job whose worker keeps dying before it is failed")
     heartbeat_s: int = Field(10, gt=0, description="worker heartbeat period; a worker counts as alive for 3 periods")
+
+    # A secret: never shown in reprs or validation errors; checked by create_app (parse_api_keys).
+    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys; `KEY:read` is read-only; empty = no auth "
+                          "(then the API listens on loopback only)")
+    rate_segment_per_min: int = Field(600, ge=0, description="POST /segment requests per key per minute (0: no limit)")
+    rate_jobs_per_hour: int = Field(60, ge=0, description="job submissions per key per hour (0: no limit)")
+    max_active_jobs_per_key: int = Field(8, gt=0, description="queued + running training jobs per key")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="pixels per image (decompression-bomb guard)")
 
     @field_validator("redis_url")
     @classmethod

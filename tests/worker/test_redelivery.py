@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.dataset import ZipLimits, inspect_dataset, safe_extract
-from app.registry import P, Registry
+from app.registry import Registry
 from tests.service_fixtures import ROOT, TINY
 from worker.celery_app import FINETUNE_TASK
 
@@ -31,8 +31,10 @@ def _wait(pred: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_killed_worker_job_resumes_from_checkpoint(registry: Registry, service_env: dict[str, str], client: Any,
-                                                   voc_zip: bytes, tmp_path: Path) -> None:
+def test_killed_worker_job_is_requeued_and_resumes_from_checkpoint(registry: Registry, service_env: dict[str, str],
+                                                                   client: Any, voc_zip: bytes, tmp_path: Path) -> None:
+    """SIGKILL mid-training: the lock expires (4 s here), a live worker's reaper re-queues the job
+    (heartbeat 1 s), and the next run continues from the last epoch checkpoint; bounded time."""
     job_id = registry.new_job_id()
     (tmp_path / "d.zip").write_bytes(voc_zip)
     safe_extract(tmp_path / "d.zip", registry.job_dir(job_id) / "dataset", ZipLimits())
@@ -40,28 +42,23 @@ def test_killed_worker_job_resumes_from_checkpoint(registry: Registry, service_e
     params = {k: (v if k == "backbone" else float(v) if "." in v else int(v)) for k, v in TINY.items()}
     params = {**params, "backbone_weights": params.pop("backbone"), "epochs": 30, "max_size": 160}
     registry.create_job(job_id, "resumed", params, {**layout.to_dict(), "sha256": "0" * 64}, None)
-
     log = tmp_path / "workers.log"
-    first = _worker(service_env, log, "doomed")
-    celery = client.app.state.celery
-    celery.send_task(FINETUNE_TASK, args=[job_id], task_id=job_id, queue=QUEUE)
-    _wait(lambda: registry.get_job(job_id)["epoch"] >= 3, 90, "epoch 3")
-    first.kill()  # SIGKILL: no cleanup, the message stays unacked, the lock stays set
-    first.wait()
+    doomed = _worker({**service_env, "UPLVP_JOB_LOCK_TTL_S": "4"}, log, "doomed")
+    try:
+        client.app.state.celery.send_task(FINETUNE_TASK, args=[job_id], task_id=job_id, queue=QUEUE)
+        _wait(lambda: registry.get_job(job_id)["epoch"] >= 3, 90, "epoch 3")
+    finally:
+        doomed.kill()  # SIGKILL: no cleanup, the message stays unacked, the lock stays until it expires
+        doomed.wait()
+    killed_at = time.monotonic()
     job = registry.get_job(job_id)
     assert job["state"] == "running" and (registry.job_dir(job_id) / "run" / "checkpoint.pt").is_file()
-    registry.r.delete(f"{P}job:{job_id}:lock")  # the dead run's lock expires (30 s here; skipped)
-
-    second = _worker(service_env, log, "heir")
-    try:
-        # Redis would redeliver the unacked message after the visibility timeout; send it again instead.
-        res = celery.send_task(FINETUNE_TASK, args=[job_id], queue=QUEUE)
-        assert res.get(timeout=120) == "succeeded", log.read_text()[-3000:]
-    finally:
-        second.terminate()
-        second.wait(timeout=30)
+    # No manual help: the session's worker (queues train, infer) reaps and runs it.
+    _wait(lambda: registry.get_job(job_id)["state"] in ("succeeded", "failed"), 120, "the job to finish")
+    recovered_in = time.monotonic() - killed_at
     job = registry.get_job(job_id)
-    assert job["state"] == "succeeded" and job["attempts"] == 2
+    assert job["state"] == "succeeded" and job["attempts"] == 2, job
     assert job["result"]["resumed_from_epoch"] >= 2  # continued, not restarted
+    assert recovered_in < 90, recovered_in
     rec = registry.get_version("resumed", job["result"]["version"])
     assert rec["params"]["epochs"] == 30

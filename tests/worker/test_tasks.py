@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from app.registry import Registry
+from app.registry import P, Registry
 from worker.celery_app import FINETUNE_TASK
-from worker.tasks import JobReporter
+from worker.tasks import JobReporter, LockKeeper
 
 
 def test_run_lock_is_exclusive(registry: Registry) -> None:
@@ -30,12 +31,11 @@ def test_redelivered_finished_job_does_not_run_again(client: Any, trained: dict[
     assert client.get(f"/jobs/{job_id}").json()["result"] == trained["job"]["result"]
 
 
-def test_reporter_reads_the_cancel_flag_and_notices_a_lost_lock(registry: Registry) -> None:
+def test_reporter_reads_the_cancel_flag(registry: Registry) -> None:
     job_id = registry.new_job_id()
     registry.create_job(job_id, "reporter", {"epochs": 2}, {}, None)
     assert registry.start_job(job_id) == "started" and registry.start_job(job_id) == "running"
-    token = registry.acquire_lock(job_id, 30)
-    rep = JobReporter(registry, job_id, token, epochs=2, lock_ttl_s=30, min_interval_s=0)
+    rep = JobReporter(registry, job_id, epochs=2, min_interval_s=0)
     rep.on_stage("finetuning")
     rep.on_step(0, 0, 4, {"loss": 2.0})
     job = registry.get_job(job_id)
@@ -43,8 +43,33 @@ def test_reporter_reads_the_cancel_flag_and_notices_a_lost_lock(registry: Regist
     assert 0.02 < job["progress"] < 0.95 and job["attempts"] == 2
     assert rep.should_stop() is False
     assert registry.request_cancel(job_id) == "requested" and rep.should_stop() is True
-    registry.release_lock(job_id, token)
-    registry.acquire_lock(job_id, 30)  # someone else took the lock
-    rep._last_refresh = -1e9  # force a refresh on the next check
-    assert rep.should_stop() is True and rep.lost_lock
     registry.finish_job(job_id, "cancelled")
+
+
+def test_lock_keeper_refreshes_and_notices_a_stolen_lock(registry: Registry) -> None:
+    job_id = registry.new_job_id()
+    token = registry.acquire_lock(job_id, 2)
+    with LockKeeper(registry, job_id, token, 2) as keeper:
+        time.sleep(3)  # past the lock's 2 s expiry: only the keeper's refreshes keep it
+        assert registry.r.get(f"{P}job:{job_id}:lock") == token and not keeper.lost.is_set()
+        registry.r.set(f"{P}job:{job_id}:lock", "someone-else")
+        time.sleep(1)
+        rep = JobReporter(registry, job_id, epochs=1, lock_lost=keeper.lost.is_set)
+        assert keeper.lost.is_set() and rep.lost_lock and rep.should_stop()
+    registry.r.delete(f"{P}job:{job_id}:lock")
+
+
+def test_reaper_requeues_a_running_job_without_lock_then_fails_it(registry: Registry) -> None:
+    job_id = registry.new_job_id()
+    registry.create_job(job_id, "orphan", {"epochs": 1}, {}, None)
+    registry.start_job(job_id)  # attempts 1, running, and no lock: its worker is gone
+    assert (job_id, "finetune", "requeued") in registry.requeue_orphans(max_attempts=2)
+    assert registry.get_job(job_id)["state"] == "queued"
+    registry.start_job(job_id)  # attempts 2
+    token = registry.acquire_lock(job_id, 30)
+    assert all(j != job_id for j, _, _ in registry.requeue_orphans(max_attempts=2))  # locked: alive
+    registry.release_lock(job_id, token)
+    assert (job_id, "finetune", "failed") in registry.requeue_orphans(max_attempts=2)
+    job = registry.get_job(job_id)
+    assert job["state"] == "failed" and job["error"]["code"] == "worker_lost"
+    assert job_id not in registry.r.smembers(f"{P}jobs:active")

@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
 from app.api.forms import ProposalFields, TrainingFields
 from app.core.errors import ApiError
+from app.core.security import JobAccess
 from app.dataset import inspect_dataset, inspect_images
 from app.registry import NotFound, Registry
 from app.schemas import ErrorResponse, JobAccepted
@@ -59,9 +60,9 @@ def resolve_base(registry: Registry, name: str, base: str) -> str | None:
 
 
 def queue_job(registry: Registry, celery: Celery, response: Response, job_id: str, name: str, kind: str,
-              task: str, params: dict[str, Any], info: dict[str, Any], base: str | None) -> JobAccepted:
+              task: str, params: dict[str, Any], info: dict[str, Any], base: str | None, owner: str) -> JobAccepted:
     """Record the job, send its task to the `train` queue, answer 202 with Location (also POST /pretrain)."""
-    registry.create_job(job_id, name, params, info, base, kind=kind)
+    registry.create_job(job_id, name, params, info, base, kind=kind, owner=owner)
     try:
         celery.send_task(task, args=[job_id], task_id=job_id, queue="train")
     except Exception as exc:  # noqa: BLE001 - broker unreachable
@@ -81,6 +82,7 @@ def post_finetune(
     registry: RegistryDep,
     settings: SettingsDep,
     celery: CeleryDep,
+    principal: JobAccess,
     training: TrainingFields,
     proposal: ProposalFields,
     dataset: Annotated[UploadFile, File(description="zip: a COCO instances JSON and its images; a second JSON "
@@ -107,12 +109,13 @@ def post_finetune(
     work = registry.job_dir(job_id)
     with validating(work):
         got = receive_zip(dataset, "dataset", work / "dataset", settings, job_id)
-        layout = inspect_dataset(work / "dataset")
+        layout = inspect_dataset(work / "dataset", settings.max_image_pixels)
         info = {**layout.to_dict(), "sha256": got.sha256, "size_bytes": got.size_bytes, "filename": got.filename}
         if unlabeled is not None:
             extra = receive_zip(unlabeled, "unlabeled", work / "unlabeled", settings, job_id)
-            info.update(unlabeled_dir="unlabeled", unlabeled_images=inspect_images(work / "unlabeled"),
+            info.update(unlabeled_dir="unlabeled", unlabeled_images=inspect_images(work / "unlabeled", settings.max_image_pixels),
                         unlabeled_sha256=extra.sha256)
     params = {**training, **proposal, "val_fraction": val_fraction, "pretrain": pretrain,
               "pretrain_epochs": pretrain_epochs}
-    return queue_job(registry, celery, response, job_id, name, "finetune", FINETUNE_TASK, params, info, base_ref)
+    return queue_job(registry, celery, response, job_id, name, "finetune", FINETUNE_TASK, params, info, base_ref,
+                     principal.id)

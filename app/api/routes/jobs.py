@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from app.api.deps import RegistryDep
 from app.core.errors import ApiError
+from app.core.security import WriteAccess, read_access
 from app.registry import NotFound
 from app.schemas import ErrorResponse, Job, JobPage, JobState
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(read_access)])
 
 
 def _job(registry: RegistryDep, job_id: str) -> Job:
@@ -44,7 +45,7 @@ def get_job(job_id: str, registry: RegistryDep) -> Job:
 @router.post("/{job_id}/cancel", response_model=Job, status_code=202,
              responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
              summary="Cancel a queued job now, or a running one within one training step")
-def cancel_job(job_id: str, registry: RegistryDep, response: Response) -> Job:
+def cancel_job(job_id: str, registry: RegistryDep, response: Response, _: WriteAccess) -> Job:
     """200 when the job is cancelled already (it was queued), 202 when the running job will stop."""
     try:
         outcome = registry.request_cancel(job_id)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import FileResponse
 
 from app.api.deps import RegistryDep
 from app.core.errors import ApiError
+from app.core.security import WriteAccess, read_access
 from app.registry import Conflict, NotFound, Registry
 from app.storage import ArtifactError
 from app.schemas import ErrorResponse, ModelDetail, ModelSummary, ModelVersion
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(read_access)])
 NOT_FOUND = {404: {"model": ErrorResponse}}
 
 
@@ -55,7 +56,7 @@ def get_version(name: str, version: int, registry: RegistryDep) -> dict[str, Any
 
 @router.post("/{name}/versions/{version}/promote", response_model=ModelVersion, responses=NOT_FOUND,
              summary="Make this version production (to roll back, promote an older one)")
-def promote(name: str, version: int, registry: RegistryDep) -> dict[str, Any]:
+def promote(name: str, version: int, registry: RegistryDep, _: WriteAccess) -> dict[str, Any]:
     """POST /segment without a version uses it from now on."""
     return _call(registry.promote, name, version)
 
@@ -63,7 +64,7 @@ def promote(name: str, version: int, registry: RegistryDep) -> dict[str, Any]:
 @router.delete("/{name}/versions/{version}", status_code=204,
                responses={**NOT_FOUND, 409: {"model": ErrorResponse}},
                summary="Delete a version (refused while it is production or the base of an active job)")
-def delete_version(name: str, version: int, registry: RegistryDep) -> Response:
+def delete_version(name: str, version: int, registry: RegistryDep, _: WriteAccess) -> Response:
     """The artifact file goes too."""
     _call(registry.delete_version, name, version)
     return Response(status_code=204)

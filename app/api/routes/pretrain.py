@@ -10,6 +10,7 @@ from app.api.deps import CeleryDep, RegistryDep, SettingsDep
 from app.api.forms import ProposalFields, TrainingFields
 from app.api.routes.finetune import check_name, queue_job
 from app.core.errors import ApiError
+from app.core.security import JobAccess
 from app.dataset import inspect_images
 from app.schemas import ErrorResponse, JobAccepted
 from app.uploads import receive_zip, validating
@@ -47,6 +48,7 @@ def post_pretrain(
     registry: RegistryDep,
     settings: SettingsDep,
     celery: CeleryDep,
+    principal: JobAccess,
     training: TrainingFields,
     proposal: ProposalFields,
     images_zip: Annotated[UploadFile, File(description="zip of unlabeled images (any folders; other files ignored)")],
@@ -64,8 +66,8 @@ def post_pretrain(
     work = registry.job_dir(job_id)
     with validating(work):
         got = receive_zip(images_zip, "images_zip", work / "images", settings, job_id)
-        n = inspect_images(work / "images")
+        n = inspect_images(work / "images", settings.max_image_pixels)
     params = {**training, **proposal, "vocabulary": vocab, "pretrain": True, "pretrain_epochs": training["epochs"]}
     info = {"images_dir": "images", "num_images": n, "sha256": got.sha256, "size_bytes": got.size_bytes,
             "filename": got.filename}
-    return queue_job(registry, celery, response, job_id, name, "pretrain", PRETRAIN_TASK, params, info, None)
+    return queue_job(registry, celery, response, job_id, name, "pretrain", PRETRAIN_TASK, params, info, None, principal.id)

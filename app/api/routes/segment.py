@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import base64
-import io
 from typing import Annotated, Any, Literal
 
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
 
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
 from app.core.errors import ApiError
-from app.dataset import PIL_FORMATS
+from app.core.security import SegmentAccess
+from app.dataset import image_problem
 from app.registry import NotFound, Registry
 from app.schemas import ErrorResponse, JobAccepted, SegmentResponse
 from worker.celery_app import SEGMENT_JOB_TASK, SEGMENT_TASK
@@ -33,13 +32,13 @@ def resolve_model(registry: Registry, model: str, version: int | None) -> dict[s
 
 
 def queue_segment_job(registry: Registry, celery: Celery, rec: dict[str, Any], payload: list[list[str]],
-                      score_threshold: float) -> JSONResponse:
+                      score_threshold: float, owner: str) -> JSONResponse:
     """async=true: record a segment job and send it to the `infer` queue; 202 + Location."""
     job_id = registry.new_job_id()
     params = {"model": rec["name"], "version": rec["version"], "score_threshold": score_threshold,
               "images": len(payload)}
     registry.create_job(job_id, rec["name"], params, {"num_images": len(payload)}, f"{rec['name']}:{rec['version']}",
-                        kind="segment")
+                        kind="segment", owner=owner)
     try:
         celery.send_task(SEGMENT_JOB_TASK, args=[job_id, rec["artifact"], rec["sha256"], payload, score_threshold,
                                                  "json"], task_id=job_id, queue="infer")
@@ -61,6 +60,7 @@ def post_segment(
     registry: RegistryDep,
     settings: SettingsDep,
     celery: CeleryDep,
+    principal: SegmentAccess,
     images: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, BMP, TIFF, WebP)")],
     model: Annotated[str, Form(examples=["shelves"])],
     version: Annotated[int | None, Form(ge=1, description="default: the production version, else the latest")] = None,
@@ -89,18 +89,13 @@ def post_segment(
         if total > cap:
             raise ApiError(413, "upload_too_large", f"images larger than {settings.max_upload_mb:g} MB in total")
         name = up.filename or f"image_{i}"
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format
-        except (UnidentifiedImageError, OSError):
-            raise ApiError(400, "unsupported_image", f"{name} is not an image this service reads; send JPEG, PNG, "
-                           "BMP, TIFF or WebP files", [{"file": name}]) from None
-        if fmt not in PIL_FORMATS:
-            raise ApiError(400, "unsupported_image", f"{name} is {fmt}; send JPEG, PNG, BMP, TIFF or WebP",
-                           [{"file": name, "format": fmt}])
+        why, _ = image_problem(data, settings.max_image_pixels)
+        if why:
+            raise ApiError(400, "unsupported_image", f"{name} {why}; send JPEG, PNG, BMP, TIFF or WebP files",
+                           [{"file": name, "problem": why}])
         payload.append([name, base64.b64encode(data).decode("ascii")])
     if async_:
-        return queue_segment_job(registry, celery, rec, payload, score_threshold)
+        return queue_segment_job(registry, celery, rec, payload, score_threshold, principal.id)
     timeout = settings.segment_timeout_s
     res = celery.send_task(SEGMENT_TASK, args=[rec["artifact"], rec["sha256"], payload, score_threshold, format],
                            queue="infer", expires=timeout)

@@ -126,14 +126,29 @@ def test_upload_over_the_cap_is_413(settings: Any, celery_worker: Path, voc_zip:
     assert_error(resp, 413, "upload_too_large", "UPLVP_MAX_UPLOAD_MB")
 
 
-def test_deep_validation_failure_fails_the_job_with_the_reason(client: Any, voc_dir: Path) -> None:
+def test_bad_geometry_is_refused_before_queueing(client: Any, voc_dir: Path) -> None:
+    coco = json.loads((voc_dir / "annotations.json").read_text())
+    coco["annotations"][0]["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]  # a polygon with 2 points
+    coco["annotations"][1]["segmentation"] = [[1.0, 1.0, 9000.0, 5.0, 3.0, 8.0]]  # far outside the image
+    coco["annotations"][2]["segmentation"] = {"size": [375, 500], "counts": "zzzz"}  # corrupt RLE
+    coco["annotations"][3]["segmentation"] = {"size": [100, 100], "counts": "PQ0"}  # not the image's size
+    coco["annotations"][4]["bbox"] = [0, 0, float("nan"), 3]
+    data = zip_dir(voc_dir, extra={"annotations.json": json.dumps(coco).encode()}, skip=("annotations.json",))
+    err = assert_error(post_finetune(client, data, name="broken"), 400, "invalid_coco", "annotation 1")
+    problems = [d["problem"] for d in err["details"]]
+    assert len(problems) == 5 and "at least 3" in problems[0] and "outside" in problems[1]
+    assert "corrupt" in problems[2] and "size [100, 100]" in problems[3] and "bbox" in problems[4]
+
+
+def test_what_only_training_finds_fails_the_job_with_the_reason(client: Any, voc_dir: Path) -> None:
     from tests.service_fixtures import wait_job
 
     coco = json.loads((voc_dir / "annotations.json").read_text())
-    coco["annotations"][0]["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]  # a polygon with 2 points: only decoding finds it
+    for a in coco["annotations"]:
+        a["iscrowd"] = 1  # valid COCO, but nothing to train on
     data = zip_dir(voc_dir, extra={"annotations.json": json.dumps(coco).encode()}, skip=("annotations.json",))
-    resp = post_finetune(client, data, name="broken", val_fraction="0")
+    resp = post_finetune(client, data, name="crowds", val_fraction="0")
     assert resp.status_code == 202, resp.text
     job = wait_job(client, resp.json()["id"])
     assert job["state"] == "failed" and job["error"]["code"] == "invalid_input", job
-    assert "annotation 1" in job["error"]["message"] and str(client.app.state.settings.data_dir) not in job["error"]["message"]
+    assert "non-crowd" in job["error"]["message"] and str(client.app.state.settings.data_dir) not in job["error"]["message"]
