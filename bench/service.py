@@ -62,17 +62,55 @@ def rss_mb(pid: int) -> dict[str, float]:
     return {"rss_mb": out["VmRSS"], "peak_rss_mb": out["VmHWM"]}
 
 
-def api_pid(port: int) -> int:
-    """The uvicorn process serving `port` (a child of `uplvp serve`)."""
+def pids_matching(*parts: bytes) -> list[int]:
+    """Processes whose command line contains every one of `parts`."""
+    out = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 continue
-            if b"uvicorn" in b" ".join(cmd) and str(port).encode() in cmd:
-                return int(proc.name)
-    raise RuntimeError(f"no uvicorn process on port {port}")
+            if all(p in cmd for p in parts):
+                out.append(int(proc.name))
+    return sorted(out)
+
+
+def api_pid(port: int) -> int:
+    """The API process serving `port` (a child of `uplvp serve`)."""
+    found = pids_matching(b"-m app", b"--port " + str(port).encode())
+    if not found:
+        raise RuntimeError(f"no API process on port {port}")
+    return found[0]
+
+
+class RssSampler(threading.Thread):
+    """Samples the RSS of some processes every `period_s` until stopped: {name: [(t, MB), ...]}."""
+
+    def __init__(self, pids: dict[str, int], period_s: float = 2.0) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.period_s = pids, period_s
+        self.samples: dict[str, list[tuple[float, float]]] = {n: [] for n in pids}
+        self.stop = threading.Event()
+        self.t0 = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for name, pid in self.pids.items():
+                try:
+                    self.samples[name].append((time.monotonic() - self.t0, rss_mb(pid)["rss_mb"]))
+                except (OSError, KeyError):
+                    pass
+            self.stop.wait(self.period_s)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, series in self.samples.items():
+            mb = [m for _, m in series]
+            after_warmup = [m for t, m in series if t >= 10] or mb
+            out[name] = {"start_mb": mb[0], "after_10s_mb": after_warmup[0], "end_mb": mb[-1], "max_mb": max(mb),
+                         "growth_after_10s_pct": 100 * (mb[-1] / after_warmup[0] - 1)}
+        return out
 
 
 def coco_zip(data: Path) -> bytes:
@@ -131,7 +169,9 @@ def load(base: str, images: list[tuple[str, bytes]], clients: int, seconds: floa
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "error_samples": errors[:3],
+    server_errors = sum(e.startswith("5") for e in errors)
+    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "server_errors": server_errors,
+            "error_samples": errors[:3],
             "p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99),
             "mean_ms": 1000 * statistics.mean(latencies), "throughput_rps": len(latencies) / wall,
             "instances_per_image": statistics.mean(instances)}
@@ -161,6 +201,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=40, help="duration of the 4- and 16-client runs")
     p.add_argument("--threshold", type=float, default=0.3)
     p.add_argument("--train-epochs", type=int, default=1)
+    p.add_argument("--sustain", type=float, default=60, help="seconds of 16-client load with a fine-tune running")
     args = p.parse_args()
     data = require_data()
     images = [(f.name, f.read_bytes()) for f in sorted((data / "coco128/val2017").iterdir())[:20]]
@@ -169,7 +210,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "UPLVP_REDIS_URL")}
     env.update(OMP_NUM_THREADS=str(args.threads), UPLVP_WORKER_THREADS=str(args.threads),
-               UPLVP_SEGMENT_TIMEOUT_S="300")
+               UPLVP_SEGMENT_TIMEOUT_S="300", UPLVP_RATE_SEGMENT_PER_MIN="0")  # measure the stack, not the limiter
     log = open(tmp / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--redis-port",
                               str(redis_port), "--data-dir", str(tmp / "data")], cwd=ROOT, env=env, stdout=log,
@@ -233,6 +274,26 @@ def main() -> None:
             print(f"{clients} clients", result["load"][-1], flush=True)
         result["api_after"] = rss_mb(pid)
         result["overhead_p50"] = result["load"][0]["p50_ms"] / result["bare"]["p50_ms"] - 1
+
+        # Sustained load while a fine-tune runs (the hardening issue): 16 clients for `sustain` s.
+        r = httpx.post(f"{base}/finetune", files={"dataset": ("coco128.zip", zipped, "application/zip")},
+                       data={"name": "bench-busy", "epochs": "50", "image_size": "384", "val_fraction": "0"},
+                       timeout=300)
+        busy = r.json()["id"]
+        wait_state(base, busy, ("running",), 120, poll_s=0.1)
+        infer = pids_matching(b"worker.celery_app", b"-Q infer")
+        train = pids_matching(b"worker.celery_app", b"-Q train")
+        sampler = RssSampler({"api": pid, "infer_worker": infer[-1], "train_worker": train[-1]})
+        sampler.start()
+        sustained = load(base, images, 16, args.sustain, None, args.threshold)
+        sampler.stop.set()
+        sampler.join()
+        still_training = httpx.get(f"{base}/jobs/{busy}").json()
+        httpx.post(f"{base}/jobs/{busy}/cancel")
+        result["sustained"] = {**sustained, "seconds": args.sustain, "rss": sampler.summary(),
+                               "finetune_state_after": still_training["state"],
+                               "finetune_epoch_after": still_training["epoch"]}
+        print("sustained", result["sustained"], flush=True)
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         try:
@@ -250,7 +311,7 @@ def main() -> None:
              "the worker and the clients share the machine's 2 cores. Model: default K-Net (width 128, 50 kernels, "
              f"3 stages, MobileNetV2), {args.train_epochs} epoch(s) on coco128 at short side 384; images: 20 "
              f"coco128 photos; score threshold {args.threshold}; format=json (RLE + polygons).", "",
-             "| path | clients | requests | p50 ms | p99 ms | throughput req/s | 5xx/errors | instances/img |",
+             "| path | clients | requests | p50 ms | p99 ms | throughput req/s | errors | instances/img |",
              "|---|---|---|---|---|---|---|---|",
              f"| bare model call (in process) | 1 | {b['requests']} | {b['p50_ms']:.0f} | {b['p99_ms']:.0f} "
              f"| {1000 / b['mean_ms']:.2f} | 0 | – |"]
@@ -265,6 +326,15 @@ def main() -> None:
               f"queueing) answers in {sub['repeated']['post_s_median']:.2f} s (median of 5); 202 → `running` "
               f"{1000 * sub['repeated']['to_running_s_median']:.0f} ms median, "
               f"{1000 * sub['repeated']['to_running_s_max']:.0f} ms max, on an idle worker."]
+    su = result["sustained"]
+    lines += ["", f"Sustained load: 16 clients for {su['seconds']:.0f} s while a fine-tune trains on the same 2 cores: "
+              f"{su['requests']} answers, {su['errors']} errors ({su['server_errors']} 5xx), p50 {su['p50_ms']:.0f} ms, p99 {su['p99_ms']:.0f} ms, "
+              f"{su['throughput_rps']:.2f} req/s; the fine-tune was still `{su['finetune_state_after']}` "
+              f"(epoch {su['finetune_epoch_after']}).", "",
+              "| process | RSS at start MB | at 10 s | at end | max | growth after 10 s |", "|---|---|---|---|---|---|"]
+    for name, r in su["rss"].items():
+        lines.append(f"| {name} | {r['start_mb']:.0f} | {r['after_10s_mb']:.0f} | {r['end_mb']:.0f} | "
+                     f"{r['max_mb']:.0f} | {r['growth_after_10s_pct']:+.1f} % |")
     (RESULTS / "service.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

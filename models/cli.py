@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_train_args(p, grad_clip=1.0)
 
-    p = sub.add_parser("serve", help="run the HTTP service: Redis (unless REDIS_URL is set), a Celery worker, the API")
+    p = sub.add_parser("serve", help="run the HTTP service: Redis (unless REDIS_URL is set), Celery workers for the "
+                       "train and infer queues, the API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", type=Path, help="uploads, jobs, models and Redis' append-only file "
@@ -420,7 +421,7 @@ def wait_for_redis(host: str, port: int, timeout_s: float = 20.0) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Redis (unless REDIS_URL is set) + a Celery worker (queues train,infer) + uvicorn; Ctrl-C stops all."""
+    """Redis (unless REDIS_URL is set) + Celery workers (train, infer) + the API; Ctrl-C stops all."""
     import os
     import signal
     import subprocess
@@ -440,9 +441,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         wait_for_redis("127.0.0.1", args.redis_port)
         env["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
     print(f"uplvp serve: data in {data_dir}, Redis at {env['REDIS_URL']}", flush=True)
-    procs.append(("worker", subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                                              "-Q", "train,infer", "-c", "1", "--loglevel", "INFO"], env=env,
-                                             start_new_session=True)))
+    # Two workers, so that segmenting is never stuck behind an hour-long fine-tune: `train` (one
+    # job at a time) and `infer`. Both may run torch at once on a small machine; OpenMP threads
+    # that sleep instead of spinning keep the two from stalling each other.
+    wenv = {"OMP_WAIT_POLICY": "PASSIVE", **env}
+    for queue in ("train", "infer"):
+        procs.append((f"worker-{queue}", subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queue, "-c", "1",
+             "-n", f"{queue}@%h", "--loglevel", "INFO"], env=wenv, start_new_session=True)))
     procs.append(("api", subprocess.Popen([sys.executable, "-m", "app", "--host", args.host, "--port", str(args.port)],
                                           env=env,
                                           start_new_session=True)))

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -41,9 +42,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("invalid_request", f"invalid request: {summary}", problems), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 413:
             message = f"request body too large ({message}); the cap is UPLVP_MAX_UPLOAD_MB"
-        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods; list them all
+            methods = {m for r in request.app.router.routes if isinstance(r, APIRoute)
+                       and r.path_regex.match(request.url.path) for m in r.methods}
+            headers["Allow"] = ", ".join(sorted(methods))
+            message = f"{request.method} is not allowed here; use {headers['Allow']}"
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers)
