@@ -3,7 +3,8 @@
 1. Zip safety: it is a zip; member count, total uncompressed size and per-member compression
    ratio are capped; absolute names, ``..``, drive letters and symlinks are refused; members are
    streamed out with a byte counter (sizes in headers can lie) into a fresh directory.
-2. Layout: one COCO instances JSON (train), or two named ``*train*`` / ``*val*`` (a val split);
+2. Layout: one COCO instances JSON (train), or two named ``*train*`` / ``*val*`` (a val split),
+   or a labelme folder (one JSON per image), converted to COCO (app/labelme.py);
    the image folder is found next to the JSON (itself, ``images/``, ``<stem>/``, the zip root).
 3. COCO schema and references: ids, names, image_id / category_id references, a segmentation on
    every annotation, every image file present with a supported extension and a header Pillow
@@ -25,6 +26,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+
+from app.labelme import convert_folder, is_labelme
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PIL_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "MPO"}
@@ -370,14 +373,25 @@ def inspect_dataset(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
         raise DatasetError("no_annotations", "the zip has no annotations JSON; add a COCO instances file "
                            "(e.g. annotations.json) next to the images")
     coco: dict[Path, dict] = {}
+    labelme: dict[Path, dict] = {}
     rejected: list[dict[str, str]] = []
     for p in jsons:
         raw, err = _load_json(p)
+        if err is None and is_labelme(raw):
+            labelme[p] = raw
+            continue
         err = err or _coco_shape_problem(raw)
         if err:
             rejected.append({"file": str(p.relative_to(root)), "code": "not_coco", "problem": err})
         else:
             coco[p] = raw
+    if not coco and labelme:  # a labelme folder: one COCO file made from its per-image files
+        converted, problems = convert_folder(root, labelme)
+        if problems:
+            raise DatasetError("invalid_labelme", f"{problems[0]['file']}: {problems[0]['problem']}"
+                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                               problems[:MAX_PROBLEMS])
+        coco[converted] = json.loads(converted.read_text())
     if not coco:
         first = rejected[0]
         raise DatasetError("not_coco", f"{first['file']}: {first['problem']}; the zip needs a COCO instances JSON "

