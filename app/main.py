@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from app.api.routes import finetune, health, jobs, models, pretrain, segment
 from app.core.config import Settings, get_settings
@@ -11,6 +15,7 @@ from app.core.security import parse_api_keys
 from app.registry import from_settings
 from app.schemas import ErrorResponse
 
+STATIC = Path(__file__).parent / "static"
 DESCRIPTION = """Fine-tune K-Net instance-segmentation models on small COCO datasets and serve them.
 
 * `POST /finetune` uploads a COCO zip and queues a job (202 + `Location: /jobs/{id}`); poll `GET /jobs/{id}`.
@@ -42,4 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (finetune, pretrain, jobs, segment, models, health):
         app.include_router(module.router)
+    # The web page: static files, no build step. Its JS calls the JSON API above with the user's key.
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
     return app

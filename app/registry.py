@@ -215,6 +215,14 @@ class Registry:
             pipe.hgetall(f"{P}job:{i}")
         return [self._decode_job(raw) for raw in pipe.execute() if raw], len(matched)
 
+    def append_history(self, job_id: str, entry: dict[str, Any]) -> None:
+        """One epoch's summary ({stage, epoch, loss, ...}) for the job's learning curve."""
+        self.r.rpush(f"{P}job:{job_id}:history", _dump(entry))
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's epoch summaries, oldest first."""
+        return [json.loads(e) for e in self.r.lrange(f"{P}job:{job_id}:history", 0, -1)]
+
     def update_job(self, job_id: str, **fields: Any) -> None:
         """Set fields of a job (dicts/lists stored as JSON) and bump updated_at."""
         mapping = {k: (_dump(v) if k in _JSON_FIELDS else ("" if v is None else str(v))) for k, v in fields.items()}

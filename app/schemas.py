@@ -89,6 +89,8 @@ class Job(BaseModel):
     result: JobResult | None = Field(None, description="finetune / pretrain: the model version produced")
     output: SegmentResponse | None = Field(None, description="segment (async=true): the instances per image")
     attempts: int = 0
+    history: list[dict[str, Any]] = Field(default_factory=list, description="per epoch: stage, epoch, mean loss "
+                                          "(the learning curve)")
 
 
 class JobAccepted(BaseModel):

@@ -132,6 +132,32 @@ def client(settings: Any, celery_worker: Path) -> Iterator[Any]:
         yield c
 
 
+@pytest.fixture(scope="session")
+def live_api(service_env: dict[str, str], celery_worker: Path) -> Iterator[str]:
+    """The API as a real process on a free loopback port (for browsers and HTTP tools); yields its URL."""
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, **service_env, UPLVP_RATE_JOBS_PER_HOUR="0")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("the API process did not start")
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
 def zip_dir(folder: Path, extra: dict[str, bytes] | None = None, skip: tuple[str, ...] = ()) -> bytes:
     """Zip a folder (plus extra members, minus names in `skip`) into bytes."""
     buf = io.BytesIO()

@@ -38,8 +38,10 @@ def list_jobs(
 @router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorResponse}},
             summary="A job's state, stage, progress, losses, ETA and result")
 def get_job(job_id: str, registry: RegistryDep) -> Job:
-    """Poll this until `state` is succeeded, failed or cancelled."""
-    return _job(registry, job_id)
+    """Poll this until `state` is succeeded, failed or cancelled; `history` is the learning curve."""
+    job = _job(registry, job_id)
+    job.history = registry.history(job_id)
+    return job
 
 
 @router.post("/{job_id}/cancel", response_model=Job, status_code=202,

@@ -1,0 +1,259 @@
+// uplvp web page: plain JavaScript against the service's own JSON API (no build step).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+                "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"];
+const state = { jobId: null, timer: null, image: null, result: null, hidden: new Set() };
+
+// ------------------------------------------------------------------ API
+
+function headers() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function api(method, path, body) {
+  const resp = await fetch(path, { method, body, headers: headers() });
+  const type = resp.headers.get("content-type") || "";
+  const data = type.includes("json") ? await resp.json() : await resp.blob();
+  if (!resp.ok) {
+    const err = (data && data.error) || { code: "http_error", message: resp.statusText };
+    const details = Array.isArray(err.details)
+      ? err.details.slice(0, 8).map((d) => "\n  • " + (d.problem || d.field || JSON.stringify(d))).join("") : "";
+    throw new Error(`${err.message}${details}`);
+  }
+  return data;
+}
+
+// ------------------------------------------------------------------ readiness, models
+
+async function refreshReady() {
+  try {
+    const r = await fetch("/readyz");
+    const body = await r.json();
+    $("ready").textContent = r.ok ? `ready · ${body.workers.length} worker(s)` : "not ready: no worker";
+    $("ready").className = "pill " + (r.ok ? "ready" : "not_ready");
+  } catch (e) {
+    $("ready").textContent = "service unreachable";
+    $("ready").className = "pill not_ready";
+  }
+}
+
+function pct(v) { return v === null || v === undefined ? "–" : (100 * v).toFixed(1) + " %"; }
+
+async function refreshModels() {
+  let models = [];
+  try { models = await api("GET", "/models"); } catch (e) { $("model-list").textContent = e.message; return; }
+  const base = $("base"), seg = $("seg-model");
+  const keepBase = base.value, keepSeg = seg.value;
+  base.innerHTML = '<option value="none">ImageNet backbone</option>';
+  seg.innerHTML = "";
+  const list = $("model-list");
+  list.innerHTML = models.length ? "" : "<p>No models yet: train one above.</p>";
+  for (const m of models) {
+    base.add(new Option(`${m.name} (production/latest)`, m.name));
+    seg.add(new Option(m.name, m.name));
+    const b = document.createElement("button");
+    b.className = "small"; b.type = "button"; b.textContent = `${m.name} · v${m.versions.join(", v")}`;
+    b.dataset.model = m.name;
+    b.onclick = () => showModel(m.name);
+    list.append(b, " ");
+  }
+  if (keepBase) base.value = keepBase;
+  if (keepSeg && models.some((m) => m.name === keepSeg)) seg.value = keepSeg;
+  await refreshVersions();
+}
+
+async function refreshVersions() {
+  const name = $("seg-model").value, sel = $("seg-version");
+  sel.innerHTML = '<option value="">production / latest</option>';
+  if (!name) return;
+  const m = await api("GET", `/models/${encodeURIComponent(name)}`);
+  for (const v of m.items) sel.add(new Option(`v${v.version}${v.aliases.length ? " (" + v.aliases.join(", ") + ")" : ""}`, v.version));
+}
+
+async function showModel(name) {
+  const m = await api("GET", `/models/${encodeURIComponent(name)}`);
+  const rows = m.items.map((v) => {
+    const s = (v.metrics && v.metrics.segm) || {};
+    const pre = v.metrics && v.metrics.pretrain;
+    return `<tr><td>v${v.version}</td><td>${v.kind}</td><td>${pre ? "loss " + pre.loss_last.toFixed(3) : pct(s.AP)}</td>
+      <td>${pre ? "–" : pct(s.AP50)}</td><td>${v.aliases.join(", ")}</td><td>${v.created_at.slice(0, 19)}</td>
+      <td><button class="small promote" type="button" data-version="${v.version}">promote</button></td></tr>`;
+  }).join("");
+  const latest = m.items[m.items.length - 1];
+  const perCat = (latest && latest.metrics && latest.metrics.per_category) || {};
+  const catRows = Object.entries(perCat).map(([c, ap]) => `<tr><td>${c}</td><td>${pct(ap)}</td></tr>`).join("");
+  $("model-detail").innerHTML = `<h3>${name}</h3>
+    <table id="versions"><tr><th>version</th><th>kind</th><th>mask AP</th><th>AP50</th><th>aliases</th><th>created</th><th></th></tr>${rows}</table>
+    ${catRows ? `<h4>Per-category AP of v${latest.version}</h4><table id="per-category"><tr><th>category</th><th>AP</th></tr>${catRows}</table>` : ""}`;
+  for (const b of document.querySelectorAll("button.promote")) {
+    b.onclick = async () => {
+      await api("POST", `/models/${encodeURIComponent(name)}/versions/${b.dataset.version}/promote`);
+      await showModel(name);
+      await refreshVersions();
+    };
+  }
+}
+
+// ------------------------------------------------------------------ training and the job
+
+async function startTraining(ev) {
+  ev.preventDefault();
+  $("train-error").textContent = "";
+  const form = new FormData($("train-form"));
+  if ($("pretrained").checked) {
+    form.set("base", "pretrained");
+    if ($("unlabeled").files.length) form.set("unlabeled", $("unlabeled").files[0]);
+  }
+  $("start").disabled = true;
+  try {
+    const job = await api("POST", "/finetune", form);
+    watch(job.id);
+  } catch (e) {
+    $("train-error").textContent = e.message;
+  } finally {
+    $("start").disabled = false;
+  }
+}
+
+function watch(jobId) {
+  state.jobId = jobId;
+  $("job").hidden = false;
+  $("job-result").innerHTML = "";
+  clearInterval(state.timer);
+  state.timer = setInterval(poll, 1000);
+  poll();
+}
+
+async function poll() {
+  let job;
+  try { job = await api("GET", `/jobs/${state.jobId}`); } catch (e) { $("job-detail").textContent = e.message; return; }
+  $("job-title").textContent = `${job.kind} “${job.name}”`;
+  $("job-state").textContent = job.state;
+  $("job-state").className = "pill " + job.state;
+  $("job-progress").value = job.progress;
+  const loss = job.losses && job.losses.loss;
+  const eta = job.eta_s ? ` · about ${Math.round(job.eta_s)} s left` : "";
+  $("job-detail").textContent = `${job.stage || "queued"} · epoch ${job.epoch}/${job.epochs}` +
+    (loss !== undefined && loss !== null ? ` · loss ${loss.toFixed(3)}` : "") + eta + ` · ${(100 * job.progress).toFixed(0)} %`;
+  drawLoss(job.history || []);
+  $("cancel").hidden = !["queued", "running"].includes(job.state);
+  if (["succeeded", "failed", "cancelled"].includes(job.state)) {
+    clearInterval(state.timer);
+    if (job.state === "succeeded" && job.result) {
+      const s = job.result.metrics.segm || {};
+      $("job-result").innerHTML = `<p>Model <b>${job.result.model} v${job.result.version}</b>: mask AP ${pct(s.AP)},
+        AP50 ${pct(s.AP50)} (on ${job.result.metrics.evaluated_on || "val"} images).</p>`;
+      await refreshModels();
+      $("seg-model").value = job.result.model;
+      await refreshVersions();
+    } else if (job.error) {
+      $("job-result").innerHTML = `<p class="error">${job.error.message}</p>`;
+    }
+  }
+}
+
+function drawLoss(history) {
+  const c = $("loss-chart"), g = c.getContext("2d");
+  g.clearRect(0, 0, c.width, c.height);
+  g.fillStyle = "#666"; g.font = "12px sans-serif";
+  if (!history.length) { g.fillText("the loss curve appears after the first epoch", 10, 20); return; }
+  const ys = history.map((h) => h.loss), max = Math.max(...ys), min = Math.min(...ys);
+  const x = (i) => 40 + (i / Math.max(1, history.length - 1)) * (c.width - 60);
+  const y = (v) => 15 + (1 - (v - min) / Math.max(1e-9, max - min)) * (c.height - 40);
+  g.fillText(max.toFixed(2), 2, 18); g.fillText(min.toFixed(2), 2, c.height - 22);
+  g.fillText(`epoch (${history.length})`, c.width / 2 - 30, c.height - 4);
+  g.strokeStyle = "#2f6fed"; g.lineWidth = 2; g.beginPath();
+  history.forEach((h, i) => (i ? g.lineTo(x(i), y(h.loss)) : g.moveTo(x(i), y(h.loss))));
+  g.stroke();
+  history.forEach((h, i) => { g.fillStyle = h.stage === "pretraining" ? "#f58231" : "#2f6fed"; g.fillRect(x(i) - 2, y(h.loss) - 2, 4, 4); });
+}
+
+// ------------------------------------------------------------------ segmentation
+
+async function runSegment(ev) {
+  ev.preventDefault();
+  $("segment-error").textContent = "";
+  const file = $("photo").files[0];
+  const form = new FormData();
+  form.set("images", file);
+  form.set("model", $("seg-model").value);
+  if ($("seg-version").value) form.set("version", $("seg-version").value);
+  form.set("score_threshold", $("threshold").value);
+  $("run-segment").disabled = true;
+  try {
+    state.result = await api("POST", "/segment", form);
+    state.hidden = new Set();
+    state.image = await loadImage(file);
+    render();
+  } catch (e) {
+    $("segment-error").textContent = e.message;
+  } finally {
+    $("run-segment").disabled = false;
+  }
+}
+
+function loadImage(file) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the browser cannot display this image"));
+    img.src = URL.createObjectURL(file);
+  });
+}
+
+function render() {
+  const res = state.result.images[0], c = $("overlay"), g = c.getContext("2d");
+  c.width = res.width; c.height = res.height;
+  g.drawImage(state.image, 0, 0, res.width, res.height);
+  const list = $("instances");
+  list.innerHTML = "";
+  res.instances.forEach((inst, i) => {
+    const color = COLORS[inst.category_id % COLORS.length];
+    if (!state.hidden.has(i)) {
+      g.fillStyle = color + "88"; g.strokeStyle = color; g.lineWidth = 2;
+      for (const poly of inst.polygons || []) {
+        g.beginPath();
+        for (let k = 0; k < poly.length; k += 2) (k ? g.lineTo(poly[k], poly[k + 1]) : g.moveTo(poly[k], poly[k + 1]));
+        g.closePath(); g.fill(); g.stroke();
+      }
+      const [bx, by] = inst.bbox;
+      const label = `${inst.category_name} ${inst.score.toFixed(2)}`;
+      g.font = "bold 13px sans-serif";
+      g.fillStyle = color; g.fillRect(bx, Math.max(0, by - 16), g.measureText(label).width + 6, 16);
+      g.fillStyle = "#fff"; g.fillText(label, bx + 3, Math.max(12, by - 4));
+    }
+    const li = document.createElement("li");
+    li.innerHTML = `<input type="checkbox" ${state.hidden.has(i) ? "" : "checked"} data-i="${i}">
+      <span class="swatch" style="background:${color}"></span>${inst.category_name} · ${inst.score.toFixed(2)}`;
+    li.querySelector("input").onchange = (e) => { e.target.checked ? state.hidden.delete(i) : state.hidden.add(i); render(); };
+    list.append(li);
+  });
+  $("segment-summary").textContent = `${res.instances.length} instance(s) from ${state.result.model} v${state.result.version}`;
+  $("download-json").hidden = false;
+}
+
+function downloadJson() {
+  const blob = new Blob([JSON.stringify(state.result, null, 2)], { type: "application/json" });
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob); a.download = "segmentation.json"; a.click();
+}
+
+// ------------------------------------------------------------------ wiring
+
+window.addEventListener("DOMContentLoaded", () => {
+  $("api-key").value = localStorage.getItem("uplvp-api-key") || "";
+  $("api-key").onchange = () => { localStorage.setItem("uplvp-api-key", $("api-key").value.trim()); refreshModels(); };
+  $("pretrained").onchange = () => { $("unlabeled-row").hidden = !$("pretrained").checked; };
+  $("train-form").onsubmit = startTraining;
+  $("segment-form").onsubmit = runSegment;
+  $("seg-model").onchange = refreshVersions;
+  $("cancel").onclick = () => api("POST", `/jobs/${state.jobId}/cancel`).then(poll);
+  $("download-json").onclick = downloadJson;
+  refreshReady(); setInterval(refreshReady, 10000);
+  refreshModels();
+  const jobParam = new URLSearchParams(location.search).get("job");
+  if (jobParam) watch(jobParam);
+});

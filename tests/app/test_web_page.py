@@ -1,0 +1,93 @@
+"""The web page end to end in a real headless browser (Debian's chromium driven by Playwright):
+upload a small real COCO zip, watch the job finish, browse the model, segment a photo and check
+that the overlay shows masks. Screenshots go to $UPLVP_SCREENSHOTS (default: the test's tmp dir);
+the README's come from `UPLVP_SCREENSHOTS=docs/screenshots`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.cli import main as uplvp
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture()
+def page(tmp_path: Path) -> Any:
+    if CHROMIUM is None:
+        pytest.skip("no chromium: `make setup` installs Debian's chromium package (apt); install it to run this test")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield pg
+        browser.close()
+
+
+def test_train_watch_browse_and_segment_in_the_browser(page: Any, live_api: str, voc_dir: Path,
+                                                        tmp_path: Path) -> None:
+    shots = Path(os.environ.get("UPLVP_SCREENSHOTS", tmp_path / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    demo = tmp_path / "demo.zip"
+    assert uplvp(["demo-data", "--out", str(demo)]) == 0
+    page.goto(live_api)
+    page.wait_for_function("document.getElementById('ready').textContent.startsWith('ready')", timeout=30_000)
+
+    page.set_input_files("#dataset", str(demo))
+    page.fill("#model-name", "web-demo")
+    page.fill("input[name=epochs]", "40")
+    page.fill("input[name=image_size]", "160")
+    page.fill("input[name=lr]", "0.0005")
+    page.fill("input[name=val_fraction]", "0")
+    page.click("#start")
+    page.wait_for_selector("#job:not([hidden])")
+    page.wait_for_function("document.getElementById('job-state').textContent === 'running'", timeout=60_000)
+    page.wait_for_function("document.getElementById('job-detail').textContent.includes('loss')", timeout=120_000)
+    page.screenshot(path=str(shots / "job-running.png"))
+    page.wait_for_function("['succeeded','failed','cancelled'].includes(document.getElementById('job-state')"
+                           ".textContent)", timeout=300_000)
+    assert page.text_content("#job-state") == "succeeded", page.text_content("#job-result")
+    assert "web-demo v1" in page.text_content("#job-result")
+
+    page.click("#model-list button[data-model=web-demo]")
+    page.wait_for_selector("#versions")
+    assert "v1" in page.text_content("#versions") and page.query_selector("#per-category") is not None
+    page.click("button.promote[data-version='1']")
+    page.wait_for_function("document.getElementById('versions').textContent.includes('production')")
+    page.screenshot(path=str(shots / "models.png"))
+
+    page.select_option("#seg-model", "web-demo")
+    page.fill("#threshold", "0.05")
+    page.set_input_files("#photo", str(voc_dir / "images" / "voc_0.jpg"))
+    page.click("#run-segment")
+    page.wait_for_selector("#instances li", timeout=120_000)
+    n = len(page.query_selector_all("#instances li"))
+    assert n > 0 and "instance(s) from web-demo v1" in page.text_content("#segment-summary")
+    # The overlay differs from the bare photo where masks were drawn.
+    painted = page.evaluate("""async () => {
+        const c = document.getElementById('overlay');
+        const img = new Image(); img.src = URL.createObjectURL(document.getElementById('photo').files[0]);
+        await img.decode();
+        const raw = document.createElement('canvas'); raw.width = c.width; raw.height = c.height;
+        raw.getContext('2d').drawImage(img, 0, 0, c.width, c.height);
+        const a = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        const b = raw.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let changed = 0;
+        for (let i = 0; i < a.length; i += 4) if (Math.abs(a[i] - b[i]) + Math.abs(a[i+1] - b[i+1]) > 30) changed++;
+        return [changed, c.width, c.height];
+    }""")
+    assert painted[1:] == [500, 375] and painted[0] > 2000, painted
+    page.screenshot(path=str(shots / "segment.png"))
+    page.uncheck("#instances li:first-child input")  # toggling an instance redraws without it
+    assert not page.is_checked("#instances li:first-child input")
+    with page.expect_download() as dl:
+        page.click("#download-json")
+    assert dl.value.suggested_filename == "segmentation.json"
