@@ -331,8 +331,9 @@ class Registry:
         rec: dict[str, Any] = dict(raw)
         rec["version"] = int(raw["version"])
         rec["size_bytes"] = int(raw["size_bytes"])
-        for k in ("metrics", "categories", "params", "parent"):
+        for k in ("metrics", "categories", "params", "parent", "reports"):
             rec[k] = json.loads(raw[k]) if raw.get(k) else None
+        rec["reports"] = sorted(rec["reports"] or {})
         aliases = self.aliases(name)
         rec["aliases"] = sorted(a for a, v in aliases.items() if v == rec["version"])
         rec["kind"] = raw.get("kind") or "finetuned"
@@ -357,22 +358,26 @@ class Registry:
 
     def register_version(self, name: str, src: str | Path, metrics: dict[str, Any],
                          categories: list[dict[str, Any]], params: dict[str, Any], parent: dict[str, Any] | None,
-                         dataset_sha256: str, job_id: str, kind: str = "finetuned") -> dict[str, Any]:
+                         dataset_sha256: str, job_id: str, kind: str = "finetuned",
+                         reports: dict[str, Path] | None = None) -> dict[str, Any]:
         """Put an artifact into the store and record it as the next version of `name`.
 
         Idempotent on `job_id`: a job that already registered its version gets that version back.
-        `kind` is "finetuned" or "pretrained" (a UPLVP pre-training, to use as a base).
+        `kind` is "finetuned" or "pretrained" (a UPLVP pre-training, to use as a base); `reports`
+        are PNG pictures ("curves", "evaluation") stored beside the checkpoint.
         """
         done = self.r.get(f"{P}job:{job_id}:version")
         if done:
             return self.get_version(name, int(done))
         version = int(self.r.incr(f"{P}model:{name}:seq"))
         stored = self.store.put(Path(src), f"models/{name}/v{version}/model.pt")
+        report_keys = {what: self.store.put(Path(p), f"models/{name}/v{version}/{what}.png").key
+                       for what, p in (reports or {}).items()}
         ts = time.time()
         rec = {"name": name, "version": str(version), "created_at": now_iso(), "artifact": stored.key,
                "sha256": stored.sha256, "size_bytes": str(stored.size_bytes), "metrics": _dump(metrics),
                "categories": _dump(categories), "params": _dump(params), "parent": _dump(parent),
-               "dataset_sha256": dataset_sha256, "job_id": job_id, "kind": kind}
+               "dataset_sha256": dataset_sha256, "job_id": job_id, "kind": kind, "reports": _dump(report_keys)}
         pipe = self.r.pipeline()
         pipe.hset(f"{P}model:{name}:v:{version}", mapping=rec)
         pipe.zadd(f"{P}model:{name}:versions", {str(version): version})
@@ -405,6 +410,8 @@ class Registry:
         pipe.zrem(f"{P}model:{name}:versions", str(version))
         pipe.execute()
         self.store.delete(rec["artifact"])
+        for kind in rec["reports"]:
+            self.store.delete(f"models/{name}/v{version}/{kind}.png")
 
     # ------------------------------------------------------------------ workers
 

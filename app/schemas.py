@@ -119,6 +119,8 @@ class ModelVersion(BaseModel):
     categories: list[dict[str, Any]] | None = None
     params: dict[str, Any] | None = None
     job_id: str
+    reports: list[str] = Field(default_factory=list, description="pictures at .../reports/{name}.png: `curves` "
+                               "(loss per epoch), `evaluation` (val images, ground truth vs predictions)")
     kind: Literal["finetuned", "pretrained"] = Field("finetuned", description="pretrained: a UPLVP pre-training "
                                                      "(POST /pretrain), meant as the `base` of a fine-tune")
 

@@ -194,6 +194,29 @@ def bare(artifact: Path, images: list[tuple[str, bytes]], n: int, threshold: flo
             "mean_ms": 1000 * statistics.mean(latencies)}
 
 
+def celery_direct(redis_port: int, data_dir: Path, version: int, images: list[tuple[str, bytes]], n: int,
+                  threshold: float) -> dict[str, Any]:
+    """The segment task sent straight to the infer queue (no HTTP, no API): the queue's share of the overhead."""
+    import base64
+
+    from app.core.config import Settings
+    from app.registry import from_settings
+    from worker.celery_app import SEGMENT_TASK, make_celery
+
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_port}/0", data_dir=data_dir)
+    rec = from_settings(settings).get_version("bench", version)  # the artifact key is internal: not in the API
+    app = make_celery(settings)
+    latencies = []
+    for i in range(n):
+        name, data = images[i % len(images)]
+        t0 = time.perf_counter()
+        app.send_task(SEGMENT_TASK, args=[rec["artifact"], rec["sha256"], [[name, base64.b64encode(data).decode()]],
+                                          threshold, "json"], queue="infer").get(timeout=300)
+        latencies.append(time.perf_counter() - t0)
+    return {"requests": n, "p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99),
+            "mean_ms": 1000 * statistics.mean(latencies)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the worker and of the bare call")
@@ -267,6 +290,9 @@ def main() -> None:
         result["bare"] = bare(artifact, images, args.requests, args.threshold, args.threads)
         print("bare", result["bare"], flush=True)
         load(base, images, 1, 60, 5, args.threshold)  # warm the worker's model cache
+        result["celery_direct"] = celery_direct(redis_port, tmp / "data", version, images, args.requests,
+                                                 args.threshold)
+        print("celery direct", result["celery_direct"], flush=True)
         result["load"] = [load(base, images, 1, 600, args.requests, args.threshold)]
         print("1 client", result["load"][0], flush=True)
         for clients in (4, 16):
@@ -281,7 +307,7 @@ def main() -> None:
                        timeout=300)
         busy = r.json()["id"]
         wait_state(base, busy, ("running",), 120, poll_s=0.1)
-        infer = pids_matching(b"worker.celery_app", b"-Q infer")
+        infer = pids_matching(b"worker.celery_app", b"-Q infer")  # solo pool: one process
         train = pids_matching(b"worker.celery_app", b"-Q train")
         sampler = RssSampler({"api": pid, "infer_worker": infer[-1], "train_worker": train[-1]})
         sampler.start()
@@ -314,7 +340,10 @@ def main() -> None:
              "| path | clients | requests | p50 ms | p99 ms | throughput req/s | errors | instances/img |",
              "|---|---|---|---|---|---|---|---|",
              f"| bare model call (in process) | 1 | {b['requests']} | {b['p50_ms']:.0f} | {b['p99_ms']:.0f} "
-             f"| {1000 / b['mean_ms']:.2f} | 0 | – |"]
+             f"| {1000 / b['mean_ms']:.2f} | 0 | – |",
+             f"| segment task straight to the infer queue (no HTTP) | 1 | {result['celery_direct']['requests']} "
+             f"| {result['celery_direct']['p50_ms']:.0f} | {result['celery_direct']['p99_ms']:.0f} "
+             f"| {1000 / result['celery_direct']['mean_ms']:.2f} | 0 | – |"]
     for row in loads:
         lines.append(f"| POST /segment | {row['clients']} | {row['requests']} | {row['p50_ms']:.0f} "
                      f"| {row['p99_ms']:.0f} | {row['throughput_rps']:.2f} | {row['errors']} "

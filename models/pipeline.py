@@ -124,6 +124,7 @@ class FinetuneResult:
     init_report: dict[str, Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     resumed_from_epoch: int = 0  # > 0 when an interrupted run was continued from its checkpoint
+    reports: dict[str, Path] = field(default_factory=dict)  # "curves" / "evaluation" -> PNG (models.reports)
 
 
 def split_train_val(ann_file: str | Path, val_fraction: float, seed: int, out_dir: str | Path) -> tuple[Path, Path | None]:
@@ -200,7 +201,8 @@ def run_finetune(
     from models.build import build_model
     from models.checkpoint import init_from, load_checkpoint, save_checkpoint
     from models.data import CategoryMap, CocoAnnotations, CocoDataset, TransformConfig
-    from models.inference import evaluate_model
+    from models.inference import Predictor, evaluate_model
+    from models.reports import evaluation_grid_png, learning_curve_png
     from models.train import TrainHooks, train
 
     hooks = hooks or PipelineHooks()
@@ -255,11 +257,14 @@ def run_finetune(
     _check_stop(hooks)  # a cancel during evaluation: no version is produced
     artifact = save_checkpoint(work / "model.pt", model, mcfg, tcfg, categories.to_coco(), state.history,
                                extra={"params": asdict(params), "metrics": metrics})
+    reports = {"curves": learning_curve_png(state.history, work / "curves.png"),
+               "evaluation": evaluation_grid_png(Predictor(artifact, params.threads), eval_ann,
+                                                 work / "evaluation.png")}
     return FinetuneResult(artifact=artifact, metrics=metrics, history=state.history, categories=categories.to_coco(),
                           num_train_images=len(train_set_ann.images),
                           num_val_images=len(eval_ann.images) if eval_ann is not train_set_ann else 0,
                           init_report=init_report, params=asdict(params),
-                          resumed_from_epoch=int(resume["epoch"]) if resume is not None else 0)
+                          resumed_from_epoch=int(resume["epoch"]) if resume is not None else 0, reports=reports)
 
 
 def image_pool(folders: list[Path], pool: Path) -> Path:
@@ -339,6 +344,7 @@ class PretrainResult:
     categories: list[dict[str, Any]]  # the vocabulary, as COCO categories
     num_images: int
     params: dict[str, Any] = field(default_factory=dict)
+    reports: dict[str, Path] = field(default_factory=dict)  # "curves" -> PNG
 
 
 def run_pretrain(
@@ -353,6 +359,7 @@ def run_pretrain(
     head carries the vocabulary (it transfers when a fine-tune's categories are the same names)."""
     from models.checkpoint import export_for_serving, load_checkpoint
     from models.proposals import parse_vocabulary
+    from models.reports import learning_curve_png
 
     hooks = hooks or PipelineHooks()
     params.validate()
@@ -369,8 +376,9 @@ def run_pretrain(
                             "pseudo_masks": summary.get("pseudo_masks"), "images": summary.get("images"),
                             "engine": params.proposal_engine}}
     artifact = export_for_serving(ckpt, Path(work_dir) / "model.pt")
+    curves = learning_curve_png(history, Path(work_dir) / "curves.png")
     return PretrainResult(artifact=artifact, metrics=metrics, categories=state["categories"],
-                          num_images=int(summary.get("images") or 0), params=asdict(params))
+                          num_images=int(summary.get("images") or 0), params=asdict(params), reports={"curves": curves})
 
 
 # --------------------------------------------------------------------------- segmentation

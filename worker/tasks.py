@@ -127,8 +127,10 @@ class JobReporter:
                             eta_s=round(remaining / rate, 1) if rate > 0 else None)
 
     def on_epoch(self, entry: dict[str, Any]) -> None:
-        """Epoch summary: mean losses of the epoch."""
+        """Epoch summary: mean losses of the epoch, also appended to the job's learning curve."""
         self.reg.update_job(self.job_id, epoch=entry["epoch"], losses={"loss": entry["loss"], **entry["losses"]})
+        self.reg.append_history(self.job_id, {"stage": self.stage, "epoch": entry["epoch"], "loss": entry["loss"],
+                                              "images_per_s": entry.get("images_per_s")})
 
     @property
     def lost_lock(self) -> bool:
@@ -177,7 +179,7 @@ def _finetune_body(job: dict[str, Any], reg: Registry, params: Any, reporter: Jo
         bname, bver = _base_ref(job["base"])
         parent = {"name": bname, "version": bver}
     return {"artifact": result.artifact, "metrics": result.metrics, "categories": result.categories,
-            "params": result.params, "parent": parent, "kind": "finetuned",
+            "params": result.params, "parent": parent, "kind": "finetuned", "reports": result.reports,
             "result": {"num_train_images": result.num_train_images, "num_val_images": result.num_val_images,
                        "resumed_from_epoch": result.resumed_from_epoch, "init": _init_summary(result.init_report)}}
 
@@ -190,7 +192,7 @@ def _pretrain_body(job: dict[str, Any], reg: Registry, params: Any, reporter: Jo
     result = run_pretrain(work / job["dataset"]["images_dir"], job["params"]["vocabulary"], work / "run", params,
                           hooks=reporter.hooks())
     return {"artifact": result.artifact, "metrics": result.metrics, "categories": result.categories,
-            "params": result.params, "parent": None, "kind": "pretrained",
+            "params": result.params, "parent": None, "kind": "pretrained", "reports": result.reports,
             "result": {"num_train_images": result.num_images, "num_val_images": 0}}
 
 
@@ -235,7 +237,8 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
     reg.update_job(job_id, progress=0.98)
     try:
         rec = reg.register_version(job["name"], out["artifact"], out["metrics"], out["categories"], out["params"],
-                                   out["parent"], job["dataset"]["sha256"], job_id, kind=out["kind"])
+                                   out["parent"], job["dataset"]["sha256"], job_id, kind=out["kind"],
+                                   reports=out["reports"])
     except OSError as exc:  # disk full, data dir unwritable: earlier versions are untouched (atomic put)
         return _fail(reg, job_id, "storage_error", f"could not store the model: {exc.strerror or exc}")
     reg.finish_job(job_id, "succeeded", result={"model": job["name"], "version": rec["version"],

@@ -85,15 +85,30 @@ async function showModel(name) {
   const latest = m.items[m.items.length - 1];
   const perCat = (latest && latest.metrics && latest.metrics.per_category) || {};
   const catRows = Object.entries(perCat).map(([c, ap]) => `<tr><td>${c}</td><td>${pct(ap)}</td></tr>`).join("");
+  const pics = (latest ? latest.reports : []).map((r) => `<figure><img alt="${r} of v${latest.version}"
+      class="report" data-src="/models/${encodeURIComponent(name)}/versions/${latest.version}/reports/${r}.png">
+      <figcaption>${r === "curves" ? "learning curve" : "validation images: ground truth | predictions"} (v${latest.version})</figcaption></figure>`).join("");
   $("model-detail").innerHTML = `<h3>${name}</h3>
     <table id="versions"><tr><th>version</th><th>kind</th><th>mask AP</th><th>AP50</th><th>aliases</th><th>created</th><th></th></tr>${rows}</table>
-    ${catRows ? `<h4>Per-category AP of v${latest.version}</h4><table id="per-category"><tr><th>category</th><th>AP</th></tr>${catRows}</table>` : ""}`;
+    ${catRows ? `<h4>Per-category AP of v${latest.version}</h4><table id="per-category"><tr><th>category</th><th>AP</th></tr>${catRows}</table>` : ""}
+    <div id="reports">${pics}</div>`;
+  await loadReports();
   for (const b of document.querySelectorAll("button.promote")) {
     b.onclick = async () => {
       await api("POST", `/models/${encodeURIComponent(name)}/versions/${b.dataset.version}/promote`);
       await showModel(name);
       await refreshVersions();
     };
+  }
+}
+
+// Report pictures need the API key too, which an <img src> cannot send: fetch them as blobs.
+async function loadReports() {
+  for (const img of document.querySelectorAll("img.report")) {
+    try {
+      const blob = await api("GET", img.dataset.src);
+      img.src = URL.createObjectURL(blob);
+    } catch (e) { img.alt = e.message; }
   }
 }
 

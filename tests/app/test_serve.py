@@ -75,7 +75,7 @@ def test_serve_runs_the_stack_and_keeps_state_across_restarts(tmp_path: Path, vo
         assert job["state"] == "succeeded", (job, log.read_text()[-3000:])
 
         # Supervision: a Redis and a worker killed with SIGKILL are started again; nothing is lost.
-        for pattern in (f"redis-server 127.0.0.1:{redis_port}", "-Q infer -c 1 -n infer@"):
+        for pattern in (f"redis-server 127.0.0.1:{redis_port}", "-Q infer -n infer@"):
             pids = _pids(pattern)
             assert pids, pattern
             for pid in pids:

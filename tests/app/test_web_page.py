@@ -60,6 +60,9 @@ def test_train_watch_browse_and_segment_in_the_browser(page: Any, live_api: str,
     page.click("#model-list button[data-model=web-demo]")
     page.wait_for_selector("#versions")
     assert "v1" in page.text_content("#versions") and page.query_selector("#per-category") is not None
+    page.wait_for_function("[...document.querySelectorAll('img.report')].length === 2 && "
+                           "[...document.querySelectorAll('img.report')].every(i => i.complete && i.naturalWidth > 0)",
+                           timeout=30_000)  # the learning curve and the evaluation grid, loaded with the key
     page.click("button.promote[data-version='1']")
     page.wait_for_function("document.getElementById('versions').textContent.includes('production')")
     page.screenshot(path=str(shots / "models.png"))

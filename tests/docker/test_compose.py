@@ -52,3 +52,13 @@ def test_dockerfile_build_args() -> None:
     text = (ROOT / "docker" / "Dockerfile").read_text()
     assert "ARG VARIANT=cpu" in text and "ARG CLIP_WEIGHTS" in text and "UPLVP_CLIP_PRETRAINED" in text
     assert '"-m", "app"' in text
+
+
+def test_dockerfile_copies_every_package() -> None:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for pattern in packages:
+        name = pattern.rstrip("*")
+        assert f"COPY {name} ./{name}" in text, name

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import FileResponse
@@ -68,6 +68,22 @@ def delete_version(name: str, version: int, registry: RegistryDep, _: WriteAcces
     """The artifact file goes too."""
     _call(registry.delete_version, name, version)
     return Response(status_code=204)
+
+
+@router.get("/{name}/versions/{version}/reports/{report}.png",
+            responses={**NOT_FOUND, 200: {"content": {"image/png": {}}}},
+            summary="A picture of this version: learning curves or the evaluation grid")
+def report(name: str, version: int, report: Literal["curves", "evaluation"], registry: RegistryDep) -> FileResponse:
+    """`curves`: loss per epoch; `evaluation`: validation images, ground truth beside predictions."""
+    rec = _call(registry.get_version, name, version)
+    if report not in rec["reports"]:
+        raise ApiError(404, "unknown_report", f"{name} v{version} has no {report!r} picture (it has: "
+                       f"{', '.join(rec['reports']) or 'none'})")
+    try:
+        path = registry.store.fetch(f"models/{name}/v{version}/{report}.png")
+    except ArtifactError as exc:
+        raise ApiError(500, "artifact_unavailable", f"{name} v{version}: {exc}") from None
+    return FileResponse(path, media_type="image/png")
 
 
 @router.get("/{name}/versions/{version}/download", responses={**NOT_FOUND, 200: {"content": {"application/octet-stream": {}}}},

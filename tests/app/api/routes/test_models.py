@@ -47,3 +47,18 @@ def test_unknown_model_and_version(client: Any, trained: dict[str, Any]) -> None
     assert_error(client.get("/models/voc/versions/999"), 404, "unknown_version", "999")
     assert_error(client.post("/models/voc/versions/999/promote"), 404, "unknown_version", "999")
     assert_error(client.get("/models/ghost/versions/1/download"), 404, "unknown_model", "ghost")
+
+
+def test_report_pictures(client: Any, trained: dict[str, Any]) -> None:
+    """Each fine-tuned version has its learning curve and evaluation grid as PNGs."""
+    import io
+
+    from PIL import Image
+
+    v = trained["job"]["result"]["version"]
+    assert client.get(f"/models/voc/versions/{v}").json()["reports"] == ["curves", "evaluation"]
+    for report in ("curves", "evaluation"):
+        resp = client.get(f"/models/voc/versions/{v}/reports/{report}.png")
+        assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+        assert min(Image.open(io.BytesIO(resp.content)).size) > 100
+    assert_error(client.get(f"/models/voc/versions/{v}/reports/secrets.png"), 400, "invalid_request", "report")
