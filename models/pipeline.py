@@ -27,6 +27,7 @@ from typing import Any
 from models.errors import ConfigError, DataError
 
 Stage = str  # "validating" | "proposing" | "pretraining" | "finetuning" | "evaluating"
+EVAL_EVERY_EPOCH_MAX = 100  # val images up to which every epoch is evaluated (AP per epoch in the curves)
 
 
 @dataclass
@@ -244,15 +245,29 @@ def run_finetune(
     if init is not None and resume is None:
         init_report = init_from(model, init, categories.to_coco())
 
+    # Validation AP per epoch for the learning curve when the val set is small enough to be cheap
+    # (<= EVAL_EVERY_EPOCH_MAX images); otherwise about six times over the run. The last epoch is
+    # always evaluated, and that evaluation is the result's metrics.
+    eval_set = CocoDataset(eval_ann, TransformConfig(tcfg.short_side, tcfg.max_long_side, flip_prob=0.0), train=False)
+    last: dict[str, Any] = {}
+
+    def evaluate_epoch(m: Any) -> dict[str, Any]:
+        last.clear()
+        last.update(evaluate_model(m, eval_ann, eval_set, batch_size=tcfg.batch_size, mask_threshold=mcfg.mask_threshold))
+        return last
+
+    every = 1 if len(eval_ann.images) <= EVAL_EVERY_EPOCH_MAX else max(1, tcfg.epochs // 6)
+    tcfg = dataclasses.replace(tcfg, eval_every=every)
     _stage(hooks, "finetuning")
     state = train(model, train_set, mcfg, tcfg, categories.to_coco(), out=ckpt_path, resume=resume,
+                  evaluate=evaluate_epoch,
                   hooks=TrainHooks(on_step=hooks.on_step, on_epoch=hooks.on_epoch, should_stop=hooks.should_stop,
                                    progress=False),
                   extra={"params": asdict(params), "init": str(init) if init else None})
 
     _stage(hooks, "evaluating")
-    eval_set = CocoDataset(eval_ann, TransformConfig(tcfg.short_side, tcfg.max_long_side, flip_prob=0.0), train=False)
-    metrics = evaluate_model(model, eval_ann, eval_set, batch_size=tcfg.batch_size, mask_threshold=mcfg.mask_threshold)
+    metrics = dict(last) if last else evaluate_model(model, eval_ann, eval_set, batch_size=tcfg.batch_size,
+                                                     mask_threshold=mcfg.mask_threshold)
     metrics["evaluated_on"] = "val" if eval_ann is not train_set_ann else "train"
     _check_stop(hooks)  # a cancel during evaluation: no version is produced
     artifact = save_checkpoint(work / "model.pt", model, mcfg, tcfg, categories.to_coco(), state.history,

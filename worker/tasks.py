@@ -130,7 +130,8 @@ class JobReporter:
         """Epoch summary: mean losses of the epoch, also appended to the job's learning curve."""
         self.reg.update_job(self.job_id, epoch=entry["epoch"], losses={"loss": entry["loss"], **entry["losses"]})
         self.reg.append_history(self.job_id, {"stage": self.stage, "epoch": entry["epoch"], "loss": entry["loss"],
-                                              "images_per_s": entry.get("images_per_s")})
+                                              "images_per_s": entry.get("images_per_s"), "AP": entry.get("AP"),
+                                              "AP50": entry.get("AP50")})
 
     @property
     def lost_lock(self) -> bool:
@@ -232,6 +233,8 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
         return _fail(reg, job_id, "invalid_input", message.replace(str(work) + "/", ""))
     except ArtifactError as exc:
         return _fail(reg, job_id, "base_unavailable", f"the base model version cannot be used: {exc}")
+    except OSError as exc:  # disk full or data dir unwritable while writing a checkpoint or report
+        return _fail(reg, job_id, "storage_error", f"could not write to the data dir: {exc.strerror or exc}")
     except SoftTimeLimitExceeded:
         return _fail(reg, job_id, "time_limit", f"the job ran past its time limit ({s.job_time_limit_s} s)")
     reg.update_job(job_id, progress=0.98)

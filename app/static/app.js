@@ -184,6 +184,15 @@ function drawLoss(history) {
   history.forEach((h, i) => (i ? g.lineTo(x(i), y(h.loss)) : g.moveTo(x(i), y(h.loss))));
   g.stroke();
   history.forEach((h, i) => { g.fillStyle = h.stage === "pretraining" ? "#f58231" : "#2f6fed"; g.fillRect(x(i) - 2, y(h.loss) - 2, 4, 4); });
+  // Validation AP50 per epoch (0..100 % over the chart's height), where the epoch was evaluated.
+  const aps = history.map((h, i) => [i, h.AP50]).filter(([, v]) => v !== null && v !== undefined);
+  if (aps.length) {
+    const ya = (v) => 15 + (1 - v) * (c.height - 40);
+    g.strokeStyle = "#3cb44b"; g.beginPath();
+    aps.forEach(([i, v], k) => (k ? g.lineTo(x(i), ya(v)) : g.moveTo(x(i), ya(v))));
+    g.stroke();
+    g.fillStyle = "#3cb44b"; g.fillText(`val AP50 ${(100 * aps[aps.length - 1][1]).toFixed(1)} %`, c.width - 120, 14);
+  }
 }
 
 // ------------------------------------------------------------------ segmentation

@@ -47,6 +47,7 @@ def test_resume_continues_from_the_work_dir(voc4: tuple[Path, Path], tmp_path: P
     second = run_finetune(ann, images, tmp_path, FinetuneParams(**{**TINY, "epochs": 2}),
                           hooks=PipelineHooks(on_step=lambda *a: steps.append(a)))
     assert [h["epoch"] for h in second.history] == [1, 2] and second.history[0] == first.history[0]
+    assert all("AP50" in h for h in second.history)  # a small val set: evaluated every epoch (the curves' AP)
     assert {s[0] for s in steps} == {1}  # only epoch 2 was trained
 
     cache = PredictorCache(capacity=1)

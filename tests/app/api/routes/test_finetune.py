@@ -26,6 +26,7 @@ def test_accepted_job_succeeds_with_a_registered_version(trained: dict[str, Any]
     assert resp.status_code == 202
     assert resp.headers["location"] == f"/jobs/{resp.json()['id']}" and resp.headers["retry-after"]
     assert job["progress"] == 1.0 and job["epoch"] == 2 and job["started_at"] and job["finished_at"]
+    assert [h["epoch"] for h in job["history"]] == [1, 2] and all(h["AP50"] is not None for h in job["history"])
     assert job["losses"] and all(isinstance(v, float) for v in job["losses"].values())
     result = job["result"]
     assert result["model"] == "voc" and result["version"] >= 1
