@@ -60,3 +60,25 @@ def test_resume_continues_from_the_work_dir(voc4: tuple[Path, Path], tmp_path: P
     cache.get(key, lambda: located.append("x") or second.artifact)  # a new key: located, loaded, the old one evicted
     cache.get(key, lambda: located.append("y") or second.artifact)  # a hit: not located again
     assert len(cache) == 1 and cache.keys() == [key] and located == ["x"]
+
+
+def test_exif_orientation_is_applied_the_same_in_training_and_serving(tmp_path: Path) -> None:
+    """A phone photo stored sideways with EXIF orientation 6: training (load_image) and the service
+    (decode_image) both see it upright, so masks learnt on one line up with the other."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from models.data import load_image
+    from models.pipeline import decode_image
+
+    stored = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif.tobytes())
+    (tmp_path / "phone.jpg").write_bytes(buf.getvalue())
+    trained_on, served = load_image(tmp_path / "phone.jpg"), decode_image(buf.getvalue(), "phone.jpg")
+    assert trained_on.size == served.size == (40, 60)
+    assert np.array_equal(np.asarray(trained_on), np.asarray(served))
