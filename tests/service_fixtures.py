@@ -87,8 +87,10 @@ def service_env(redis_server: RedisServer, data_dir: Path) -> dict[str, str]:
 def settings(service_env: dict[str, str]) -> Any:
     from app.core.config import Settings
 
+    # No rate limits for the suite's own traffic (one anonymous client submits ~100 jobs); the
+    # limits have their own tests (tests/app/core/test_security.py).
     return Settings(redis_url=service_env["REDIS_URL"], data_dir=service_env["UPLVP_DATA_DIR"], heartbeat_s=1,
-                    job_lock_ttl_s=30, segment_timeout_s=90)
+                    job_lock_ttl_s=30, segment_timeout_s=90, rate_jobs_per_hour=0, rate_segment_per_min=0)
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +140,7 @@ def live_api(service_env: dict[str, str], celery_worker: Path) -> Iterator[str]:
     import httpx
 
     port = free_port()
-    env = dict(os.environ, **service_env, UPLVP_RATE_JOBS_PER_HOUR="0")
+    env = dict(os.environ, **service_env, UPLVP_RATE_JOBS_PER_HOUR="0", UPLVP_RATE_SEGMENT_PER_MIN="0")
     proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

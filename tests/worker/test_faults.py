@@ -87,6 +87,7 @@ def test_cancel_in_each_stage(client: Any, voc_zip: bytes, many_photos_zip: byte
                                            "unlabeled": ("u.zip", many_photos_zip, "application/zip")},
                        data={"name": f"cancel-{stage}", **TINY, "base": "pretrained", "epochs": "300",
                              "pretrain_epochs": "1" if stage == "finetuning" else "300", "max_masks": "3"})
+    assert resp.status_code == 202, resp.text
     job_id = resp.json()["id"]
     wait_job(client, job_id, until=lambda j: j["stage"] == stage or j["state"] != "queued" and
              j["state"] != "running", timeout_s=180)

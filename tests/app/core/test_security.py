@@ -35,7 +35,7 @@ def secured(settings: Any) -> Iterator[TestClient]:
     from app.main import create_app
 
     s = settings.model_copy(update={"api_keys": SecretStr(f"{WRITE},{READ}:read"), "rate_segment_per_min": 3,
-                                    "max_active_jobs_per_key": 1})
+                                    "max_active_jobs_per_key": 1, "rate_jobs_per_hour": 60})
     with TestClient(create_app(s)) as c:
         yield c
 
@@ -81,6 +81,21 @@ def test_segment_rate_limit_answers_429_with_retry_after(secured: TestClient, re
     limited = next(r for r in codes if r.status_code == 429)
     assert_error(limited, 429, "rate_limited", "per 60 s")
     assert 1 <= int(limited.headers["retry-after"]) <= 61
+
+
+def test_job_submission_rate_limit(settings: Any, registry: Any) -> None:
+    from app.main import create_app
+
+    key = "j" * 20 + "-submitter"
+    for k in registry.r.scan_iter(f"uplvp:rate:job:{key_id(key)}:*"):
+        registry.r.delete(k)
+    s = settings.model_copy(update={"api_keys": SecretStr(key), "rate_jobs_per_hour": 2})
+    with TestClient(create_app(s)) as c:
+        codes = [c.post("/finetune", files={"dataset": ("d.zip", b"x", "application/zip")}, data={"name": "x"},
+                        headers={"X-API-Key": key}) for _ in range(3)]
+    assert [r.status_code for r in codes[:2]] == [400, 400]  # counted, then refused as not a zip
+    assert_error(codes[2], 429, "rate_limited", "per 3600 s")
+    assert int(codes[2].headers["retry-after"]) >= 1
 
 
 def test_active_job_cap_per_key(secured: TestClient, registry: Any) -> None:
