@@ -295,14 +295,15 @@ class Registry:
         the requeued ones' tasks. Atomic per job, so several workers may call it at once."""
         out = []
         for job_id in self.r.smembers(f"{P}jobs:active"):
-            if self.r.hget(f"{P}job:{job_id}", "state") != "running":
+            state, kind = self.r.hmget(f"{P}job:{job_id}", "state", "kind")
+            if state != "running" or kind == "segment":  # async segment jobs hold no run lock
                 continue
             error = _dump({"code": "worker_lost", "message": f"the worker running this job died {max_attempts} "
                            "times (killed, out of memory, or the machine went away); see the worker logs"})
             res = str(self._requeue_orphan(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:lock", f"{P}jobs:active"],
                                            args=[now_iso(), max_attempts, error, job_id]))
             if res in ("requeued", "failed"):
-                out.append((job_id, self.r.hget(f"{P}job:{job_id}", "kind") or "finetune", res))
+                out.append((job_id, kind or "finetune", res))
         return out
 
     # ------------------------------------------------------------------ models

@@ -73,3 +73,9 @@ def test_reaper_requeues_a_running_job_without_lock_then_fails_it(registry: Regi
     job = registry.get_job(job_id)
     assert job["state"] == "failed" and job["error"]["code"] == "worker_lost"
     assert job_id not in registry.r.smembers(f"{P}jobs:active")
+    segment_job = registry.new_job_id()  # an async segment job runs without a lock: never reaped
+    registry.create_job(segment_job, "orphan", {}, {}, None, kind="segment")
+    registry.start_job(segment_job)
+    assert all(j != segment_job for j, _, _ in registry.requeue_orphans(max_attempts=2))
+    assert registry.get_job(segment_job)["state"] == "running"
+    registry.finish_job(segment_job, "succeeded")
