@@ -31,8 +31,8 @@ class Received:
 def receive_zip(upload: UploadFile, field: str, dest: Path, settings: Settings, job_id: str) -> Received:
     """Stream `upload` to a temp file (413 past UPLVP_MAX_UPLOAD_MB), then extract it into `dest`.
 
-    DatasetError (bad or unsafe zip) becomes an ApiError naming the form field; the temp file is
-    always removed. `dest` must not exist yet (a fresh folder per job).
+    Raises DatasetError (bad or unsafe zip; its message names the form field) for `validating` to
+    turn into the API's answer; the temp file is always removed. `dest` must not exist yet.
     """
     uploads = settings.data_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
@@ -51,8 +51,6 @@ def receive_zip(upload: UploadFile, field: str, dest: Path, settings: Settings, 
         limits = ZipLimits(settings.max_zip_members, int(settings.max_unzipped_mb * 2**20),
                            settings.max_compression_ratio)
         safe_extract(zip_path, dest, limits, field=field)
-    except DatasetError as exc:
-        raise ApiError(exc.status, exc.code, exc.message, exc.problems) from None
     finally:
         zip_path.unlink(missing_ok=True)
     return Received(sha256=digest.hexdigest(), size_bytes=size, filename=upload.filename)

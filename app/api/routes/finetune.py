@@ -9,6 +9,7 @@ from celery import Celery
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
+from app.api.enqueue import enqueue
 from app.api.forms import ProposalFields, TrainingFields
 from app.core.errors import ApiError
 from app.core.security import JobAccess
@@ -63,12 +64,7 @@ def queue_job(registry: Registry, celery: Celery, response: Response, job_id: st
               task: str, params: dict[str, Any], info: dict[str, Any], base: str | None, owner: str) -> JobAccepted:
     """Record the job, send its task to the `train` queue, answer 202 with Location (also POST /pretrain)."""
     registry.create_job(job_id, name, params, info, base, kind=kind, owner=owner)
-    try:
-        celery.send_task(task, args=[job_id], task_id=job_id, queue="train")
-    except Exception as exc:  # noqa: BLE001 - broker unreachable
-        registry.finish_job(job_id, "failed", error={"code": "queue_unavailable", "message": str(exc)})
-        raise ApiError(503, "queue_unavailable", f"could not queue the job: {exc}") from None
-    location = f"/jobs/{job_id}"
+    location = enqueue(registry, celery, job_id, task, [job_id], "train")
     response.headers["Location"] = location
     response.headers["Retry-After"] = "5"
     return JobAccepted(id=job_id, state="queued", location=location)

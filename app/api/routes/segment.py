@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
+from app.api.enqueue import enqueue
 from app.core.errors import ApiError
 from app.core.security import SegmentAccess
 from app.dataset import image_problem
@@ -39,13 +40,8 @@ def queue_segment_job(registry: Registry, celery: Celery, rec: dict[str, Any], p
               "images": len(payload)}
     registry.create_job(job_id, rec["name"], params, {"num_images": len(payload)}, f"{rec['name']}:{rec['version']}",
                         kind="segment", owner=owner)
-    try:
-        celery.send_task(SEGMENT_JOB_TASK, args=[job_id, rec["artifact"], rec["sha256"], payload, score_threshold,
-                                                 "json"], task_id=job_id, queue="infer")
-    except Exception as exc:  # noqa: BLE001 - broker unreachable
-        registry.finish_job(job_id, "failed", error={"code": "queue_unavailable", "message": str(exc)})
-        raise ApiError(503, "queue_unavailable", f"could not queue the job: {exc}") from None
-    location = f"/jobs/{job_id}"
+    location = enqueue(registry, celery, job_id, SEGMENT_JOB_TASK,
+                       [job_id, rec["artifact"], rec["sha256"], payload, score_threshold, "json"], "infer")
     body = JobAccepted(id=job_id, state="queued", location=location).model_dump()
     return JSONResponse(body, status_code=202, headers={"Location": location, "Retry-After": "1"})
 
