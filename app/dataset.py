@@ -11,7 +11,7 @@
    recognises.
 
 Every problem found (up to a cap) is reported, so a user fixes the zip once. Deep checks
-(polygon/RLE decoding, pixel data) are left to the worker's models.data.CocoAnnotations.
+(polygon/RLE decoding, pixel data) are left to the worker's models.data.coco.CocoAnnotations.
 """
 
 from __future__ import annotations

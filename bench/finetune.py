@@ -31,8 +31,8 @@ def latency(ckpt: Path, image_paths: list[Path], threads: int = 2) -> dict:
     """Per-image latency (batch 1, `threads` torch threads) of the user-facing inference path."""
     import torch
 
-    from models.data import load_image
-    from models.inference import Predictor
+    from models.data.coco import load_image
+    from models.engine.inference import Predictor
 
     torch.set_num_threads(threads)
     pred = Predictor(ckpt)
@@ -44,7 +44,8 @@ def latency(ckpt: Path, image_paths: list[Path], threads: int = 2) -> dict:
         pred.predict_images([img], batch_size=1)
         total.append((time.perf_counter() - t0) * 1000)
     # model forward alone, at the same sizes
-    from models.data import collate_images, preprocess_image
+    from models.data.dataset import collate_images
+    from models.data.transforms import preprocess_image
 
     with torch.inference_mode():
         for img in images:
@@ -67,11 +68,13 @@ def latency(ckpt: Path, image_paths: list[Path], threads: int = 2) -> dict:
 def run_arm(args: argparse.Namespace) -> None:
     import torch
 
-    from models.build import build_model
     from models.config import ModelConfig, TrainConfig
-    from models.data import CocoAnnotations, CocoDataset, TransformConfig
-    from models.inference import evaluate_model
-    from models.train import TrainHooks, train
+    from models.data.coco import CocoAnnotations
+    from models.data.dataset import CocoDataset
+    from models.data.transforms import TransformConfig
+    from models.engine.inference import evaluate_model
+    from models.engine.train import TrainHooks, train
+    from models.nets.build import build_model
 
     torch.set_num_threads(args.threads)
     data = require_data()
@@ -107,7 +110,7 @@ def run_arm(args: argparse.Namespace) -> None:
     ckpt = checkpoint_path(args.arm)
     resume = None
     if args.resume and ckpt.exists():
-        from models.checkpoint import load_checkpoint
+        from models.engine.checkpoint import load_checkpoint
 
         # per-epoch seeding makes the continuation identical to an uninterrupted run
         resume = load_checkpoint(ckpt)
@@ -147,7 +150,7 @@ def result_from_checkpoint(arm: str, peak_rss_mb_seen: float | None) -> dict:
     every epoch (`final` is then the last completed epoch's evaluation)."""
     import torch
 
-    from models.checkpoint import load_checkpoint
+    from models.engine.checkpoint import load_checkpoint
 
     ckpt = checkpoint_path(arm)
     state = load_checkpoint(ckpt)
@@ -260,7 +263,7 @@ def main() -> None:
         (RESULTS / f"finetune_{args.from_checkpoint}.json").write_text(json.dumps(result, indent=2))
         return
     if args.latency_only:
-        from models.data import CocoAnnotations
+        from models.data.coco import CocoAnnotations
 
         data = require_data()
         val = CocoAnnotations(data / "coco_mini_train/annotations/instances_train2017.json",

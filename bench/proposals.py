@@ -41,7 +41,7 @@ def run_engine(args: argparse.Namespace) -> None:
     """Child process: build the engine, propose for every image, record speed and memory."""
     import torch
 
-    from models.proposals import COCO_CLASSES, build_engine, propose_folder
+    from models.uplvp.proposals import COCO_CLASSES, build_engine, propose_folder
 
     torch.set_num_threads(args.threads)
     data = require_data()
@@ -65,9 +65,9 @@ def score(dataset: str, engine: str) -> dict:
     import numpy as np
     import torch
 
-    from models.evaluate import evaluate_segm
-    from models.masks import decode_rle, segmentation_to_rle
-    from models.proposals.postprocess import mask_iou
+    from models.data.masks import decode_rle, segmentation_to_rle
+    from models.engine.evaluate import evaluate_segm
+    from models.engine.predict import mask_iou
 
     data = require_data()
     gt = json.loads((data / DATASETS[dataset][0]).read_text())

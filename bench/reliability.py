@@ -46,7 +46,7 @@ def wait(pred: Any, timeout_s: float, poll_s: float = 0.2) -> float:
 
 
 def main() -> None:
-    from models.demo_data import write_voc_demo
+    from models.data.demo import write_voc_demo
 
     tmp = Path(tempfile.mkdtemp(prefix="uplvp-bench-rel-"))
     write_voc_demo(tmp / "voc", copies=4)

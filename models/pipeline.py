@@ -17,6 +17,7 @@ import base64
 import dataclasses
 import io
 import json
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,71 +29,146 @@ from models.errors import ConfigError, DataError
 
 Stage = str  # "validating" | "proposing" | "pretraining" | "finetuning" | "evaluating"
 EVAL_EVERY_EPOCH_MAX = 100  # val images up to which every epoch is evaluated (AP per epoch in the curves)
+MAX_BUDGET_EPOCHS = 10_000  # a budgeted run's epoch cap when none is given: the budget decides
+MIN_KERNELS = 50
+
+
+def auto_steps(num_images: int) -> int:
+    """Training steps when neither epochs nor a budget are given: ~1500 for 100 images, growing
+    with the square root of the dataset's size (small sets need more epochs, large ones fewer),
+    within 600..4000."""
+    return int(min(4000, max(600, 1500 * math.sqrt(max(1, num_images) / 100))))
+
+
+def kernels_for(max_instances: int) -> int:
+    """Kernels for a dataset whose fullest image has `max_instances` instances: 50, or a quarter
+    more than that count (rounded up to a multiple of 10), so every instance has a kernel and
+    the Hungarian matching still has spares to choose from."""
+    return max(MIN_KERNELS, int(math.ceil(1.25 * max_instances / 10) * 10))
 
 
 @dataclass
 class FinetuneParams:
-    """Everything a fine-tuning job may set. Defaults are the CLI's (`uplvp finetune`).
+    """Everything a fine-tuning job may set; the defaults are the low-data recipe (README, "The recipe").
 
-    width / kernels / stages / backbone_weights shape the model; small values (e.g. 32 / 8 / 1 /
-    "none") give a model that trains in seconds, which the service tests use.
+    The schedule: `time_budget_min` > 0 lays the run out for that many minutes (evaluations
+    included; `epochs` then only caps it); else `epochs` > 0 runs that many; else the number of
+    steps follows the dataset's size (`auto_steps`). `kernels` 0 follows the data: at least 50,
+    and more than the most instances in one training image. width / kernels / stages /
+    backbone_weights shape the model; small values (e.g. 32 / 8 / 1 / "none") give a model that
+    trains in seconds, which the service tests use.
     """
 
-    epochs: int = 12
-    image_size: int = 384  # short side after resize
-    max_size: int = 640  # cap on the long side
+    arch: str = "knet"  # knet | maskrcnn (the CNN reference, same backbone and loop)
+    epochs: int = 0  # 0: from the budget, or from the dataset's size
+    time_budget_min: float = 0.0  # 0: no budget
+    image_size: int = 320  # short side after resize
+    max_size: int = 533  # cap on the long side
     batch_size: int = 2
-    lr: float = 1e-4
-    warmup_iters: int = 100
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    warmup_iters: int = 50
+    lr_steps: tuple[float, ...] = (0.8, 0.95)  # fractions of the run where lr *= 0.1
+    grad_clip: float = 4.0
     seed: int = 0
     val_fraction: float = 0.2  # used when the dataset has no val split of its own
+    eval_every: int = 0  # epochs between evaluations; 0: every epoch for small val sets, else ~6 times
+    early_stop_patience: int = 0  # evaluations without a better val AP before stopping (0: never)
+    keep_best: bool = True  # the version is the evaluation with the best val AP, not the last step
+    # augmentation (training only): scale jitter range, photometric strength, copy-paste chance
+    scale_min: float = 0.75
+    scale_max: float = 1.25
+    photometric: float = 0.2
+    copy_paste: float = 0.0
     width: int = 128
-    kernels: int = 50
+    kernels: int = 0  # 0: follows the data (see class doc)
     stages: int = 3
+    frozen_stages: int = 3  # MobileNetV2 stages with frozen weights
+    light_p2: bool = True  # FPN P2 without its 3x3 output conv (models.config.ModelConfig)
+    init_pool: str = "mean"  # initial kernel features: "sum" (reference) or "mean" (models.config.ModelConfig)
+    init_kernel_std: float = 0.0  # initial kernels' weight std (models.config.ModelConfig; 0: 1/sqrt(width))
+    one_to_many: int = 3  # kernels matched to each object before the last stage (models.nets.criterion)
     backbone_weights: str = "imagenet"
+    mask_threshold: float = 0.5
+    rescore: bool = True  # inference: class probability x mask quality
+    nms: bool = True  # inference: Matrix NMS within a class
     threads: int = 0  # torch threads (0: torch's default)
     # UPLVP: propose pseudo masks on the dataset's images (vocabulary = its category names) and
     # pre-train the kernels on them before fine-tuning (the paper's pipeline, on the user's own photos).
     pretrain: bool = False
-    pretrain_epochs: int = 0  # 0: as many as `epochs`
+    pretrain_epochs: int = 0  # 0: as many as `epochs` (12 when those are planned)
     proposal_engine: str = "offline"  # offline | clip (needs UPLVP_CLIP_PRETRAINED) | grid | saliency
     max_masks: int = 10  # pseudo masks per image at most
 
     def validate(self) -> FinetuneParams:
         """Raise ConfigError naming the first invalid field."""
+        from models.config import MIN_TIME_BUDGET_MIN
+
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.arch not in ("knet", "maskrcnn"):
+            raise ConfigError(f"arch must be 'knet' or 'maskrcnn', got {self.arch!r}")
+        if self.pretrain and self.arch != "knet":
+            raise ConfigError("UPLVP pre-training is for arch 'knet' (its kernels take the prompts)")
         if self.backbone_weights not in ("imagenet", "none"):
             raise ConfigError(f"backbone_weights must be 'imagenet' or 'none', got {self.backbone_weights!r}")
-        if self.pretrain_epochs < 0 or self.max_masks < 1:
-            raise ConfigError("pretrain_epochs must be >= 0 and max_masks >= 1")
-        self.train_config().validate()
+        if self.pretrain_epochs < 0 or self.max_masks < 1 or self.epochs < 0 or self.kernels < 0:
+            raise ConfigError("epochs, kernels and pretrain_epochs must be >= 0 and max_masks >= 1")
+        if self.time_budget_min and self.time_budget_min < MIN_TIME_BUDGET_MIN:
+            raise ConfigError(f"time_budget_min must be at least {MIN_TIME_BUDGET_MIN} (minutes: a few steps and "
+                              f"one evaluation), got {self.time_budget_min}")
+        self.train_config(100).validate()
         return self
 
     def pretrain_config(self) -> Any:
         """The TrainConfig of the UPLVP pre-training (the reference's gradient clip of 1.0)."""
         from models.config import TrainConfig
 
-        return TrainConfig(epochs=self.pretrain_epochs or self.epochs, batch_size=self.batch_size, lr=self.lr,
+        return TrainConfig(epochs=self.pretrain_epochs or self.epochs or 12, batch_size=self.batch_size, lr=self.lr,
                            warmup_iters=self.warmup_iters, seed=self.seed, short_side=self.image_size,
                            max_long_side=self.max_size, num_threads=self.threads, grad_clip=1.0)
 
-    def model_config(self, num_classes: int) -> Any:
-        """The K-Net ModelConfig these parameters describe."""
+    def model_config(self, num_classes: int, max_instances: int = 0) -> Any:
+        """The ModelConfig these parameters describe for a dataset with `num_classes` classes and at most
+        `max_instances` instances in one image (kernels follow it; an explicit count below it is an error)."""
         from models.config import ModelConfig
 
-        return ModelConfig(arch="knet", num_classes=num_classes, backbone_weights=self.backbone_weights,  # type: ignore[arg-type]
-                           width=self.width, num_kernels=self.kernels, num_stages=self.stages,
+        kernels = self.kernels or kernels_for(max_instances)
+        if kernels < max_instances:
+            raise ConfigError(f"kernels={self.kernels} cannot hold the {max_instances} instances of the fullest "
+                              f"training image: use at least {max_instances}, or 0 to follow the data")
+        return ModelConfig(arch=self.arch, num_classes=num_classes, mask_threshold=self.mask_threshold,  # type: ignore[arg-type]
+                           backbone_weights=self.backbone_weights,  # type: ignore[arg-type]
+                           width=self.width, num_kernels=kernels, num_stages=self.stages,
                            gn_groups=min(32, self.width // 4) if self.width < 128 else 32,
-                           ffn_dim=4 * self.width).validate()
+                           ffn_dim=4 * self.width, max_per_image=max(100, kernels),
+                           frozen_backbone_stages=self.frozen_stages, light_p2=self.light_p2, init_pool=self.init_pool,
+                           init_kernel_std=self.init_kernel_std, one_to_many=self.one_to_many,
+                           rescore=self.rescore, nms=self.nms).validate()
 
-    def train_config(self) -> Any:
-        """The TrainConfig of this run (evaluation happens once, after training)."""
+    def train_config(self, num_images: int) -> Any:
+        """The TrainConfig of this run on `num_images` training images (`eval_every` 0 is resolved by
+        run_finetune from the val set's size)."""
         from models.config import TrainConfig
 
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                           warmup_iters=self.warmup_iters, seed=self.seed, short_side=self.image_size,
-                           max_long_side=self.max_size, num_threads=self.threads, eval_every=self.epochs)
+        per_epoch = math.ceil(num_images / self.batch_size)
+        epochs = self.epochs or (MAX_BUDGET_EPOCHS if self.time_budget_min
+                                 else math.ceil(auto_steps(num_images) / max(1, per_epoch)))
+        return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           warmup_iters=self.warmup_iters, lr_steps=tuple(self.lr_steps), grad_clip=self.grad_clip,
+                           seed=self.seed, short_side=self.image_size, max_long_side=self.max_size,
+                           num_threads=self.threads, eval_every=self.eval_every or epochs,
+                           time_budget_s=60.0 * self.time_budget_min, early_stop_patience=self.early_stop_patience,
+                           keep_best=self.keep_best)
+
+    def transform(self, train: bool) -> Any:
+        """The data transform: the augmentations when training, none for evaluation."""
+        from models.data.transforms import TransformConfig
+
+        if not train:
+            return TransformConfig(self.image_size, self.max_size, flip_prob=0.0)
+        return TransformConfig(self.image_size, self.max_size, scale_range=(self.scale_min, self.scale_max),
+                               photometric=self.photometric, copy_paste=self.copy_paste)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FinetuneParams:
@@ -110,6 +186,17 @@ class PipelineHooks:
     on_step: Callable[[int, int, int, dict[str, float]], None] | None = None  # (epoch, step, steps, losses)
     on_epoch: Callable[[dict[str, Any]], None] | None = None
     should_stop: Callable[[], bool] | None = None  # checked before each stage and every training step
+    on_init: Callable[[dict[str, Any]], None] | None = None  # what loading `init` did (models.engine.checkpoint.init_from)
+    on_evaluation: Callable[[Any, dict[str, Any]], None] | None = None  # (model, val metrics) after each evaluation
+    on_plan: Callable[[dict[str, Any]], None] | None = None  # a training stage's layout (models.engine.train.TrainHooks)
+    progress: bool = False  # tqdm bars while training (the CLI)
+
+    def train_hooks(self) -> Any:
+        """The training loop's view of these hooks."""
+        from models.engine.train import TrainHooks
+
+        return TrainHooks(on_step=self.on_step, on_epoch=self.on_epoch, should_stop=self.should_stop,
+                          on_evaluation=self.on_evaluation, on_plan=self.on_plan, progress=self.progress)
 
 
 @dataclass
@@ -125,7 +212,7 @@ class FinetuneResult:
     init_report: dict[str, Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     resumed_from_epoch: int = 0  # > 0 when an interrupted run was continued from its checkpoint
-    reports: dict[str, Path] = field(default_factory=dict)  # "curves" / "evaluation" -> PNG (models.reports)
+    reports: dict[str, Path] = field(default_factory=dict)  # "curves" / "evaluation" -> PNG (models.reports.pictures)
 
 
 def split_train_val(ann_file: str | Path, val_fraction: float, seed: int, out_dir: str | Path) -> tuple[Path, Path | None]:
@@ -163,7 +250,7 @@ def split_train_val(ann_file: str | Path, val_fraction: float, seed: int, out_di
 
 
 def _check_stop(hooks: PipelineHooks) -> None:
-    from models.train import TrainingCancelled
+    from models.engine.train import TrainingCancelled
 
     if hooks.should_stop and hooks.should_stop():
         raise TrainingCancelled("cancelled between stages")
@@ -185,8 +272,11 @@ def run_finetune(
     init: str | Path | None = None,
     hooks: PipelineHooks | None = None,
     unlabeled: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    resume: str | Path | None = None,
+    export: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune K-Net on a COCO dataset; resumable through `work_dir`.
+    """Fine-tune a model on a COCO dataset; what `POST /finetune` and `uplvp finetune` both run.
 
     Without a val split, `params.val_fraction` of the images are held out (deterministically);
     with no held-out image at all the metrics are computed on the training images and
@@ -194,97 +284,144 @@ def run_finetune(
     UPLVP pre-training): its architecture (width, kernels, stages) is kept, only the number of
     classes follows this dataset. With `params.pretrain`, UPLVP pre-training runs first on the
     training images plus the folder `unlabeled` (extra unlabeled photos), if given.
+
+    The working checkpoint (with optimizer state) is `checkpoint` (default ``work_dir/checkpoint.pt``,
+    and then an existing one is resumed: the service's restart); `resume` continues from another
+    checkpoint explicitly (the CLI's ``--resume``). With `export`, a serving artifact (``model.pt``,
+    no optimizer state), its metrics (on the training images when there is no val set) and its
+    report pictures are written to `work_dir`; without it the working checkpoint is the result.
     Raises DataError / ConfigError / CheckpointError for problems the user can fix and
-    models.train.TrainingCancelled when `hooks.should_stop` turns true.
+    models.engine.train.TrainingCancelled when `hooks.should_stop` turns true.
     """
     import torch
 
-    from models.build import build_model
-    from models.checkpoint import init_from, load_checkpoint, save_checkpoint
-    from models.data import CategoryMap, CocoAnnotations, CocoDataset, TransformConfig
-    from models.inference import Predictor, evaluate_model
-    from models.reports import evaluation_grid_png, learning_curve_png
-    from models.train import TrainHooks, train
+    from models.data.coco import CategoryMap, CocoAnnotations
+    from models.data.dataset import CocoDataset
+    from models.engine.checkpoint import init_from, load_checkpoint, save_checkpoint
+    from models.engine.inference import Predictor, evaluate_model
+    from models.engine.train import train
+    from models.nets.build import build_model
+    from models.reports.pictures import evaluation_grid_png, learning_curve_png
 
     hooks = hooks or PipelineHooks()
     params.validate()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt_path = work / "checkpoint.pt"
+    ckpt_path = Path(checkpoint) if checkpoint is not None else work / "checkpoint.pt"
+    if resume is None and checkpoint is None and ckpt_path.is_file():
+        resume = ckpt_path
 
     _stage(hooks, "validating")
     if val_ann is None and params.val_fraction > 0:
         train_ann, val_ann = split_train_val(train_ann, params.val_fraction, params.seed, work / "split")
         val_images = train_images if val_ann is not None else None
-    resume = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-    tcfg = params.train_config().validate()
-    if resume is not None:
-        categories = CategoryMap.from_coco(resume["categories"])
+    state = load_checkpoint(resume) if resume is not None else None
+    if state is not None:
+        categories = CategoryMap.from_coco(state["categories"])
         train_set_ann = CocoAnnotations(train_ann, train_images, categories=categories)
-        mcfg = resume["model_config"]
     else:
         train_set_ann = CocoAnnotations(train_ann, train_images)
         categories = train_set_ann.categories
-        mcfg = params.model_config(len(categories))
-        if init is not None:  # the base's architecture, so that its weights fit
+    most = max_instances(train_set_ann)
+    tcfg = params.train_config(len(train_set_ann.images)).validate()
+    if state is not None:
+        mcfg = state["model_config"]
+        # the image size a run started with is part of what it learnt
+        tcfg = dataclasses.replace(tcfg, short_side=state["train_config"].short_side,
+                                   max_long_side=state["train_config"].max_long_side)
+    else:
+        mcfg = params.model_config(len(categories), most)
+        if init is not None and not params.pretrain:  # the base's architecture, so that its weights fit
             mcfg = dataclasses.replace(load_checkpoint(init)["model_config"], num_classes=len(categories),
                                        backbone_weights=params.backbone_weights).validate()
+            if mcfg.arch == "knet" and mcfg.num_kernels < most:
+                raise ConfigError(f"the base model has {mcfg.num_kernels} kernels, but a training image here has "
+                                  f"{most} instances: fine-tune from base 'none' (kernels follow the data) or "
+                                  f"from a base with at least {most} kernels")
     eval_ann = (CocoAnnotations(val_ann, val_images, categories=categories)
-                if val_ann is not None and val_images is not None else train_set_ann)
-    train_set = CocoDataset(train_set_ann, TransformConfig(tcfg.short_side, tcfg.max_long_side), train=True)
+                if val_ann is not None and val_images is not None else (train_set_ann if export else None))
+    train_set = CocoDataset(train_set_ann, params.transform(train=True).with_size(tcfg.short_side, tcfg.max_long_side),
+                            train=True)
     if len(train_set) == 0:
         raise DataError(f"{train_ann}: no training image has an annotation; nothing to learn from")
 
-    if params.pretrain and resume is None:
+    if params.pretrain and state is None:
         folders = [Path(train_images)] + ([Path(unlabeled)] if unlabeled is not None else [])
-        init = run_uplvp_pretraining(folders, list(categories.names), work / "pretrain", params, hooks)
+        init = run_uplvp_pretraining(folders, list(categories.names), work / "pretrain",
+                                     dataclasses.replace(params, kernels=mcfg.num_kernels), hooks)
 
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
     init_report = None
-    if init is not None and resume is None:
+    if init is not None and state is None:
         init_report = init_from(model, init, categories.to_coco())
+        if hooks.on_init:
+            hooks.on_init(init_report)
 
     # Validation AP per epoch for the learning curve when the val set is small enough to be cheap
-    # (<= EVAL_EVERY_EPOCH_MAX images); otherwise about six times over the run. The last epoch is
-    # always evaluated, and that evaluation is the result's metrics.
-    eval_set = CocoDataset(eval_ann, TransformConfig(tcfg.short_side, tcfg.max_long_side, flip_prob=0.0), train=False)
+    # (<= EVAL_EVERY_EPOCH_MAX images); otherwise about six times over the run (a budgeted run
+    # spreads its evaluations itself). The result's metrics are those of the evaluation whose
+    # weights the version keeps: the best on val (params.keep_best), else the last.
     last: dict[str, Any] = {}
+    evaluate_epoch = None
+    if eval_ann is not None:
+        eval_set = CocoDataset(eval_ann, params.transform(train=False).with_size(tcfg.short_side, tcfg.max_long_side),
+                               train=False)
 
-    def evaluate_epoch(m: Any) -> dict[str, Any]:
-        last.clear()
-        last.update(evaluate_model(m, eval_ann, eval_set, batch_size=tcfg.batch_size, mask_threshold=mcfg.mask_threshold))
-        return last
+        def evaluate_epoch(m: Any) -> dict[str, Any]:
+            last.clear()
+            last.update(evaluate_model(m, eval_ann, eval_set, batch_size=tcfg.batch_size,
+                                       mask_threshold=mcfg.mask_threshold))
+            return dict(last)
 
-    every = 1 if len(eval_ann.images) <= EVAL_EVERY_EPOCH_MAX else max(1, tcfg.epochs // 6)
-    tcfg = dataclasses.replace(tcfg, eval_every=every)
+        if not params.eval_every and not tcfg.time_budget_s:
+            every = 1 if len(eval_ann.images) <= EVAL_EVERY_EPOCH_MAX else max(1, tcfg.epochs // 6)
+            tcfg = dataclasses.replace(tcfg, eval_every=every)
     _stage(hooks, "finetuning")
-    state = train(model, train_set, mcfg, tcfg, categories.to_coco(), out=ckpt_path, resume=resume,
-                  evaluate=evaluate_epoch,
-                  hooks=TrainHooks(on_step=hooks.on_step, on_epoch=hooks.on_epoch, should_stop=hooks.should_stop,
-                                   progress=False),
-                  extra={"params": asdict(params), "init": str(init) if init else None})
+    extra = {"params": asdict(params), "init": str(init) if init else None}
+    run = train(model, train_set, mcfg, tcfg, categories.to_coco(), out=ckpt_path, resume=state,
+                evaluate=evaluate_epoch, hooks=hooks.train_hooks(), extra=extra,
+                eval_images=len(eval_ann.images) if eval_ann is not None else 0)
+    tcfg = run.config or tcfg
+    selected = run.best["metrics"] if run.best is not None and tcfg.keep_best else dict(last)
+    training = {"steps": run.step, "epochs": run.epoch, "planned_steps": tcfg.max_steps or None,
+                "time_budget_min": params.time_budget_min or None, "stopped": run.stopped,
+                "selected_epoch": run.best["epoch"] if run.best is not None and tcfg.keep_best else run.epoch,
+                "kernels": mcfg.num_kernels if mcfg.arch == "knet" else None, "max_instances_per_image": most,
+                "train_time_s": round(sum(e.get("train_time_s", 0.0) + e.get("eval_time_s", 0.0)
+                                          for e in run.history), 1)}
 
+    num_val = len(eval_ann.images) if eval_ann is not None and eval_ann is not train_set_ann else 0
+    result = FinetuneResult(artifact=ckpt_path, metrics={**selected, "training": training} if selected else {},
+                            history=run.history, categories=categories.to_coco(),
+                            num_train_images=len(train_set_ann.images), num_val_images=num_val,
+                            init_report=init_report, params=asdict(params),
+                            resumed_from_epoch=int(state["epoch"]) if state is not None else 0)
+    if not export:
+        return result
     _stage(hooks, "evaluating")
-    metrics = dict(last) if last else evaluate_model(model, eval_ann, eval_set, batch_size=tcfg.batch_size,
-                                                     mask_threshold=mcfg.mask_threshold)
+    metrics = dict(selected) if selected else evaluate_epoch(model)
     metrics["evaluated_on"] = "val" if eval_ann is not train_set_ann else "train"
+    metrics["training"] = training
     _check_stop(hooks)  # a cancel during evaluation: no version is produced
-    artifact = save_checkpoint(work / "model.pt", model, mcfg, tcfg, categories.to_coco(), state.history,
+    artifact = save_checkpoint(work / "model.pt", model, mcfg, tcfg, categories.to_coco(), run.history,
                                extra={"params": asdict(params), "metrics": metrics})
-    reports = {"curves": learning_curve_png(state.history, work / "curves.png"),
-               "evaluation": evaluation_grid_png(Predictor(artifact, params.threads), eval_ann,
-                                                 work / "evaluation.png")}
-    return FinetuneResult(artifact=artifact, metrics=metrics, history=state.history, categories=categories.to_coco(),
-                          num_train_images=len(train_set_ann.images),
-                          num_val_images=len(eval_ann.images) if eval_ann is not train_set_ann else 0,
-                          init_report=init_report, params=asdict(params),
-                          resumed_from_epoch=int(resume["epoch"]) if resume is not None else 0, reports=reports)
+    result.reports = {"curves": learning_curve_png(run.history, work / "curves.png"),
+                      "evaluation": evaluation_grid_png(Predictor(artifact, params.threads), eval_ann,
+                                                        work / "evaluation.png")}
+    result.artifact, result.metrics = artifact, metrics
+    return result
+
+
+def max_instances(annotations: Any) -> int:
+    """The most non-crowd instances in one image of a CocoAnnotations (what the kernels must hold)."""
+    return max((sum(not a["iscrowd"] for a in annotations.annotations_for(im["id"])) for im in annotations.images),
+               default=0)
 
 
 def image_pool(folders: list[Path], pool: Path) -> Path:
     """One folder that holds the images of several (symlinks under pool/<i>/...); one folder is used as is."""
-    from models.proposals import list_images_recursive
+    from models.uplvp.proposals import list_images_recursive
 
     if len(folders) == 1:
         return folders[0]
@@ -311,13 +448,9 @@ def run_uplvp_pretraining(
     """
     import torch
 
-    from models.build import build_model
-    from models.checkpoint import load_checkpoint
-    from models.data import TransformConfig
-    from models.pretrain import load_pseudo, pretrain
-    from models.prompts import PromptConfig
-    from models.proposals import build_engine, propose_folder
-    from models.train import TrainHooks, TrainingCancelled
+    from models.engine.train import TrainingCancelled
+    from models.uplvp.prompts import PromptConfig
+    from models.uplvp.proposals import build_engine, propose_folder
 
     hooks = hooks or PipelineHooks()
     work = Path(work_dir)
@@ -335,19 +468,55 @@ def run_uplvp_pretraining(
             raise TrainingCancelled("cancelled while proposing pseudo masks")
         pseudo.with_suffix(".tmp.json").replace(pseudo)
     _stage(hooks, "pretraining")
-    tcfg = params.pretrain_config().validate()
+    mcfg_of = params.model_config  # kernels: run_finetune passes the count the fine-tuning data needs
+    prompt_cfg = PromptConfig(num_slots=params.max_masks)
+    return pretrain_from_pseudo(pseudo, images, ckpt, params.pretrain_config(), prompt_cfg, mcfg_of, hooks,
+                                resume=ckpt if ckpt.is_file() else None, extra={"engine": params.proposal_engine})
+
+
+def pretrain_from_pseudo(
+    pseudo: str | Path,
+    images: str | Path,
+    out: str | Path,
+    tcfg: Any,
+    prompt_cfg: Any,
+    model_config: Callable[[int], Any],
+    hooks: PipelineHooks | None = None,
+    resume: str | Path | None = None,
+    train_backbone: bool = False,
+    extra: dict[str, Any] | None = None,
+    on_data: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Kernel supervision with prompt-kernel matching on a pseudo-mask file; what the worker's
+    pre-training and `uplvp pretrain` both run.
+
+    `model_config(num_pseudo_categories) -> ModelConfig` shapes a new model (a resumed one keeps
+    its own); `prompt_cfg.num_slots` is capped at the number of kernels. `on_data(summary)` sees
+    what `load_pseudo` found before any step is taken (the CLI prints it, and may refuse).
+    Checkpoints go to `out` every epoch; returns `out`.
+    """
+    import torch
+
+    from models.data.transforms import TransformConfig
+    from models.engine.checkpoint import load_checkpoint
+    from models.nets.build import build_model
+    from models.uplvp.pretrain import load_pseudo, pretrain
+
+    hooks = hooks or PipelineHooks()
+    tcfg = tcfg.validate()
     dataset, summary = load_pseudo(pseudo, images, TransformConfig(tcfg.short_side, tcfg.max_long_side))
+    if on_data:
+        on_data(summary)
     categories = dataset.ann.categories
-    resume = load_checkpoint(ckpt) if ckpt.is_file() else None
-    mcfg = resume["model_config"] if resume else params.model_config(len(categories))
-    prompt_cfg = PromptConfig(num_slots=min(params.max_masks, mcfg.num_kernels))
+    state = load_checkpoint(resume) if resume is not None else None
+    mcfg = state["model_config"] if state else model_config(len(categories))
+    prompt_cfg = dataclasses.replace(prompt_cfg, num_slots=min(prompt_cfg.num_slots, mcfg.num_kernels))
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
-    pretrain(model, dataset, mcfg, tcfg, prompt_cfg, categories.to_coco(), out=ckpt, resume=resume,
-             hooks=TrainHooks(on_step=hooks.on_step, on_epoch=hooks.on_epoch, should_stop=hooks.should_stop,
-                              progress=False),
-             extra={"pseudo": str(pseudo), "engine": params.proposal_engine, **summary})
-    return ckpt
+    pretrain(model, dataset, mcfg, tcfg, prompt_cfg, categories.to_coco(), out=out, resume=state,
+             train_backbone=train_backbone, hooks=hooks.train_hooks(),
+             extra={"pseudo": str(pseudo), **(extra or {}), **summary})
+    return Path(out)
 
 
 @dataclass
@@ -372,9 +541,9 @@ def run_pretrain(
     """UPLVP pre-training alone (POST /pretrain): pseudo masks on `images` for `vocabulary`
     ("coco", "cat,dog" or a list of names), pre-training, and a serving checkpoint whose class
     head carries the vocabulary (it transfers when a fine-tune's categories are the same names)."""
-    from models.checkpoint import export_for_serving, load_checkpoint
-    from models.proposals import parse_vocabulary
-    from models.reports import learning_curve_png
+    from models.engine.checkpoint import export_for_serving, load_checkpoint
+    from models.reports.pictures import learning_curve_png
+    from models.uplvp.proposals import parse_vocabulary
 
     hooks = hooks or PipelineHooks()
     params.validate()
@@ -399,22 +568,6 @@ def run_pretrain(
 # --------------------------------------------------------------------------- segmentation
 
 
-def decode_image(data: bytes, name: str = "image") -> Any:
-    """Bytes of an image file -> RGB PIL image (EXIF orientation applied); DataError if undecodable."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # noqa: BLE001 - a broken EXIF block should not make a good photo unusable
-                pass
-            return im.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(f"{name}: cannot decode image ({exc})") from None
-
-
 class PredictorCache:
     """Loaded models kept in memory, least recently used evicted first.
 
@@ -430,7 +583,7 @@ class PredictorCache:
 
     def get(self, key: Any, locate: Callable[[], str | Path] | None = None) -> Any:
         """The Predictor for `key`, loading `locate()` (default: `key` is the checkpoint path) on a miss."""
-        from models.inference import Predictor
+        from models.engine.inference import Predictor
 
         if key in self._items:
             self._items.move_to_end(key)
@@ -454,19 +607,23 @@ def segment(
     images: list[tuple[str, bytes]],
     score_threshold: float = 0.3,
     fmt: str = "json",
+    polygons: bool | None = None,
+    batch_size: int = 4,
 ) -> list[dict[str, Any]]:
-    """Segment (name, bytes) images with a Predictor.
+    """Segment (name, bytes) images with a Predictor (the service and `uplvp segment`).
 
     fmt "json": per image {"file_name", "width", "height", "instances": [{category_id,
     category_name, score, bbox, area, segmentation (RLE), polygons}]}.
-    fmt "png": per image {"file_name", "png_base64"}: the overlay drawn by models.visualize.
+    fmt "png": per image {"file_name", "png_base64"}: the overlay drawn by models.reports.overlays.
     """
-    from models.visualize import draw_overlay
+    from models.data.coco import decode_image
+    from models.reports.overlays import draw_overlay
 
     if fmt not in ("json", "png"):
         raise ConfigError(f"format must be 'json' or 'png', got {fmt!r}")
     decoded = [decode_image(data, name) for name, data in images]
-    preds = predictor.predict_images(decoded, score_threshold, with_polygons=(fmt == "json"))
+    with_polygons = fmt == "json" if polygons is None else polygons
+    preds = predictor.predict_images(decoded, score_threshold, with_polygons=with_polygons, batch_size=batch_size)
     out: list[dict[str, Any]] = []
     for (name, _), img, instances in zip(images, decoded, preds):
         if fmt == "json":

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.weights import ensure_mobilenet_weights  # noqa: E402
+from models.nets.weights import ensure_mobilenet_weights  # noqa: E402
 
 if __name__ == "__main__":
     print(f"MobileNetV2 ImageNet weights: {ensure_mobilenet_weights()}")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.demo_data import write_voc_demo
+from models.data.demo import write_voc_demo
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,7 @@ def cat_region() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def offline_engine():
-    from models.proposals import build_engine
+    from models.uplvp.proposals import build_engine
 
     return build_engine("offline", ["cat", "dog", "car", "person"])
 

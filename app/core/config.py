@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     max_unzipped_mb: float = Field(4000.0, gt=0, description="cap on the total uncompressed size of a dataset zip")
     max_compression_ratio: float = Field(200.0, gt=1, description="per-member cap (zip-bomb guard)")
     job_time_limit_s: int = Field(6 * 3600, gt=0, description="soft time limit of one fine-tuning job")
+    default_time_budget_min: float = Field(15.0, ge=1.0, description="training minutes of a POST /finetune that gives "
+                                           "neither epochs nor time_budget_min (the schedule is laid out for them)")
     segment_timeout_s: float = Field(60.0, gt=0, description="POST /segment waits this long for the infer worker")
     max_segment_images: int = Field(16, gt=0, description="images per POST /segment request")
     model_cache_size: int = Field(4, gt=0, description="models an infer worker keeps loaded (LRU)")

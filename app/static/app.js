@@ -118,6 +118,7 @@ async function startTraining(ev) {
   ev.preventDefault();
   $("train-error").textContent = "";
   const form = new FormData($("train-form"));
+  for (const [key, value] of [...form.entries()]) if (value === "") form.delete(key);  // empty = the default
   if ($("pretrained").checked) {
     form.set("base", "pretrained");
     if ($("unlabeled").files.length) form.set("unlabeled", $("unlabeled").files[0]);

@@ -9,7 +9,7 @@ from PIL import Image
 
 from models.cli import main
 
-TINY = ["--backbone-weights", "none", "--width", "32", "--kernels", "8", "--stages", "1",
+TINY = ["--backbone-weights", "none", "--width", "32", "--kernels", "20", "--stages", "1",
         "--image-size", "96", "--max-size", "128", "--batch-size", "1", "--warmup-iters", "1", "--no-progress"]
 
 
@@ -57,7 +57,7 @@ def test_resume_continues_the_history(trained, voc_coco, tmp_path):
     shutil.copy(trained, out)
     assert main(["finetune", "--train-ann", str(ann), "--train-images", str(images), "--resume", str(out),
                  "--epochs", "3", "--out", str(out), *TINY]) == 0
-    from models.checkpoint import load_checkpoint
+    from models.engine.checkpoint import load_checkpoint
 
     assert [e["epoch"] for e in load_checkpoint(out)["history"]] == [1, 2, 3]
 

@@ -17,13 +17,13 @@ from models.pipeline import (
     split_train_val,
 )
 
-TINY = dict(epochs=1, image_size=96, max_size=128, batch_size=1, warmup_iters=2, lr=1e-3, width=32, kernels=8,
+TINY = dict(epochs=1, image_size=96, max_size=128, batch_size=1, warmup_iters=2, lr=1e-3, width=32, kernels=20,
             stages=1, backbone_weights="none", val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
 def voc4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from models.demo_data import write_voc_demo
+    from models.data.demo import write_voc_demo
 
     return write_voc_demo(tmp_path_factory.mktemp("voc4"), copies=4)
 
@@ -70,8 +70,7 @@ def test_exif_orientation_is_applied_the_same_in_training_and_serving(tmp_path: 
     import numpy as np
     from PIL import Image
 
-    from models.data import load_image
-    from models.pipeline import decode_image
+    from models.data.coco import decode_image, load_image
 
     stored = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
     exif = Image.Exif()

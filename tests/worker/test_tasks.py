@@ -79,3 +79,19 @@ def test_reaper_requeues_a_running_job_without_lock_then_fails_it(registry: Regi
     assert all(j != segment_job for j, _, _ in registry.requeue_orphans(max_attempts=2))
     assert registry.get_job(segment_job)["state"] == "running"
     registry.finish_job(segment_job, "succeeded")
+
+
+def test_budgeted_finetune_reports_progress_and_eta_from_its_budget(registry: Registry) -> None:
+    job_id = registry.new_job_id()
+    registry.create_job(job_id, "budget", {"epochs": 0, "time_budget_min": 10}, {}, None)
+    registry.start_job(job_id)
+    rep = JobReporter(registry, job_id, epochs=0, min_interval_s=0, time_budget_s=600.0)
+    rep.on_stage("finetuning")
+    rep.on_plan({"epochs": 40, "steps": 1000, "steps_per_epoch": 25, "time_budget_s": 600.0})
+    assert registry.get_job(job_id)["epochs"] == 40  # the planned epochs are shown, not the 0 asked for
+    rep._stage_t0 -= 300  # half the budget has gone by
+    rep.on_step(3, 24, 25, {"loss": 1.0})  # 100 of 1000 steps: the clock says 50 %
+    job = registry.get_job(job_id)
+    assert 295 <= job["eta_s"] <= 300  # the budget's end, not an extrapolation of the steps
+    assert abs(job["progress"] - (0.02 + 0.93 * 0.5)) < 0.01
+    registry.finish_job(job_id, "cancelled")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
 from app.api.enqueue import enqueue
-from app.api.forms import ProposalFields, TrainingFields
+from app.api.forms import ProposalFields, TrainingFields, resolve_budget
 from app.core.errors import ApiError
 from app.core.security import JobAccess
 from app.dataset import inspect_dataset, inspect_images
@@ -111,7 +111,8 @@ def post_finetune(
             extra = receive_zip(unlabeled, "unlabeled", work / "unlabeled", settings, job_id)
             info.update(unlabeled_dir="unlabeled", unlabeled_images=inspect_images(work / "unlabeled", settings.max_image_pixels),
                         unlabeled_sha256=extra.sha256)
-    params = {**training, **proposal, "val_fraction": val_fraction, "pretrain": pretrain,
+    params = {**resolve_budget(training, settings.default_time_budget_min), **proposal, "val_fraction": val_fraction,
+              "pretrain": pretrain,
               "pretrain_epochs": pretrain_epochs}
     return queue_job(registry, celery, response, job_id, name, "finetune", FINETUNE_TASK, params, info, base_ref,
                      principal.id)

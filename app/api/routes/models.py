@@ -11,8 +11,8 @@ from app.api.deps import RegistryDep
 from app.core.errors import ApiError
 from app.core.security import WriteAccess, read_access
 from app.registry import Conflict, NotFound, Registry
-from app.storage import ArtifactError
 from app.schemas import ErrorResponse, ModelDetail, ModelSummary, ModelVersion
+from app.storage import ArtifactError
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(read_access)])
 NOT_FOUND = {404: {"model": ErrorResponse}}

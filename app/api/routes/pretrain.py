@@ -67,7 +67,8 @@ def post_pretrain(
     with validating(work):
         got = receive_zip(images_zip, "images_zip", work / "images", settings, job_id)
         n = inspect_images(work / "images", settings.max_image_pixels)
-    params = {**training, **proposal, "vocabulary": vocab, "pretrain": True, "pretrain_epochs": training["epochs"]}
+    params = {**training, **proposal, "time_budget_min": 0.0, "vocabulary": vocab, "pretrain": True,
+              "pretrain_epochs": training["epochs"]}
     info = {"images_dir": "images", "num_images": n, "sha256": got.sha256, "size_bytes": got.size_bytes,
             "filename": got.filename}
     return queue_job(registry, celery, response, job_id, name, "pretrain", PRETRAIN_TASK, params, info, None, principal.id)

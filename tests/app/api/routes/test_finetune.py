@@ -153,3 +153,29 @@ def test_what_only_training_finds_fails_the_job_with_the_reason(client: Any, voc
     job = wait_job(client, resp.json()["id"])
     assert job["state"] == "failed" and job["error"]["code"] == "invalid_input", job
     assert "non-crowd" in job["error"]["message"] and str(client.app.state.settings.data_dir) not in job["error"]["message"]
+
+
+def test_time_budget_below_the_minimum_is_refused(client: Any, voc_dir: Path) -> None:
+    err = assert_error(post_finetune(client, zip_dir(voc_dir), time_budget_min="0.5"), 400, "time_budget_too_small",
+                       "the minimum is 1 minute")
+    assert err["message"].startswith("time_budget_min=0.5")
+
+
+def test_the_default_budget_applies_when_neither_epochs_nor_a_budget_is_given(client: Any, voc_dir: Path) -> None:
+    from tests.service_fixtures import TINY
+
+    fields = {k: v for k, v in TINY.items() if k != "epochs"}
+    resp = client.post("/finetune", files={"dataset": ("data.zip", zip_dir(voc_dir), "application/zip")},
+                       data={"name": "budget", **fields})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    try:
+        params = client.get(f"/jobs/{job_id}").json()["params"]
+        assert params["time_budget_min"] == 15.0 and params["epochs"] == 0  # UPLVP_DEFAULT_TIME_BUDGET_MIN
+    finally:
+        client.post(f"/jobs/{job_id}/cancel")
+    # epochs alone: no budget; both: the budget, epochs as its cap
+    resp = post_finetune(client, zip_dir(voc_dir), name="budget", time_budget_min="0")
+    job_id = resp.json()["id"]
+    assert client.get(f"/jobs/{job_id}").json()["params"]["time_budget_min"] == 0.0
+    client.post(f"/jobs/{job_id}/cancel")

@@ -1,0 +1,406 @@
+"""Real low-data benchmark: K-Net (the recipe) vs K-Net (the old defaults) vs Mask R-CNN vs YOLOv8n-seg.
+
+Data: the six datasets of shared/data/lowdata (people outside this project labelled them). For a
+dataset, a labelled size L and a seed, the labelled set is a seeded subset of `train` with L images;
+model selection uses the dataset's `val` (at most VAL_MAX images of it, seeded, so that evaluations
+fit the budget) or, where there is none, a seeded 20 % of the labelled set; the score is pycocotools
+segm AP on `test`, never seen before the end.
+
+Arms, one after another in the same run, each for the same wall-clock training budget (default
+10 minutes, evaluations on val included) on the same 2 threads:
+  knet       K-Net with the recipe: models.pipeline.FinetuneParams' defaults and a time budget
+  knet_old   K-Net with the defaults before the recipe (lr 1e-4, 384 px, decay at 2/3 and 11/12, no
+             augmentation, class score only, last weights), its schedule laid over the same budget
+  maskrcnn   Mask R-CNN on the same backbone, with the recipe's data pipeline and schedule
+  yolo       Ultralytics YOLOv8n-seg from scratch (yolov8n-seg.yaml: no YOLO weights exist offline),
+             its own `time=` budget and defaults, scored with the same pycocotools code
+Learning curves: every evaluation's weights are kept and scored on test after the run (outside
+its budget), so test AP can be drawn against training minutes; selection never sees test.
+
+Each arm runs in its own process and writes runs/bench/real/<run>/result.json; finished arms are
+skipped when the script is started again, and an interrupted K-Net / Mask R-CNN arm resumes from
+its checkpoint with the time it had already spent (resumable per arm):
+
+    nohup .venv/bin/python bench/real.py > runs/bench/real.log 2>&1 &
+    .venv/bin/python bench/real.py --datasets balloon --sizes 25 --seeds 0 1 --arms knet yolo
+    .venv/bin/python bench/real.py --report-only     # bench/results/real.{json,md,png}
+
+The YOLO arm needs the bench extra: `make bench-deps` (ultralytics, installed without its
+dependencies so that it does not add opencv-python beside our headless build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import DATA, RESULTS, ROOT, machine  # noqa: E402
+
+WORK = Path(os.environ.get("UPLVP_BENCH_WORK", ROOT / "runs" / "bench" / "real"))  # another folder: probes
+LOWDATA = DATA / "lowdata"
+DATASETS = ("balloon", "endangered_animals", "rice_leaf", "kudzu_bug", "dsb2018_nuclei", "bottles")
+ARMS = ("knet", "knet_old", "maskrcnn", "yolo")
+VAL_MAX = 50  # val images used for model selection at most
+THREADS = int(os.environ.get("UPLVP_BENCH_THREADS", "2"))
+
+# The K-Net defaults before the recipe (what `uplvp finetune` did until then), laid over a budget.
+OLD_DEFAULTS: dict[str, Any] = dict(lr=1e-4, image_size=384, max_size=640, warmup_iters=100, lr_steps=(2 / 3, 11 / 12),
+                                    scale_min=1.0, scale_max=1.0, photometric=0.0, copy_paste=0.0, kernels=50,
+                                    frozen_stages=1, light_p2=False, init_pool="sum", init_kernel_std=1.0, one_to_many=1,
+                                    rescore=False, nms=False, keep_best=False)
+
+
+def run_name(dataset: str, size: int | str, seed: int, arm: str) -> str:
+    return f"{dataset}_L{size}_s{seed}_{arm}"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def subset_coco(coco: dict, image_ids: set[int]) -> dict:
+    return {**coco, "images": [im for im in coco["images"] if im["id"] in image_ids],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids]}
+
+
+def prepare(dataset: str, size: int | str, seed: int) -> dict[str, Path]:
+    """The labelled subset (and val) of one (dataset, L, seed) as COCO files under WORK/data."""
+    root = LOWDATA / dataset
+    out = WORK / "data" / f"{dataset}_L{size}_s{seed}"
+    files = {"train": out / "train.json", "val": out / "val.json", "test": root / "annotations" / "test.json",
+             "images": root / "images"}
+    if files["train"].is_file():
+        return files
+    out.mkdir(parents=True, exist_ok=True)
+    train = load_json(root / "annotations" / "train.json")
+    ids = sorted(im["id"] for im in train["images"])
+    rng = random.Random(seed)
+    rng.shuffle(ids)
+    chosen = ids if size == "all" else ids[: int(size)]
+    if (root / "annotations" / "val.json").is_file():
+        val = load_json(root / "annotations" / "val.json")
+        vids = sorted(im["id"] for im in val["images"])
+        random.Random(seed).shuffle(vids)
+        files["val"].write_text(json.dumps(subset_coco(val, set(vids[:VAL_MAX]))))
+        files["train"].write_text(json.dumps(subset_coco(train, set(chosen))))
+    else:  # a seeded 20 % of the labelled set selects the model; the rest trains it
+        n_val = max(1, round(0.2 * len(chosen)))
+        files["val"].write_text(json.dumps(subset_coco(train, set(chosen[:n_val]))))
+        files["train"].write_text(json.dumps(subset_coco(train, set(chosen[n_val:]))))
+    return files
+
+
+def max_gt_per_image(coco: dict) -> int:
+    counts: dict[int, int] = {}
+    for a in coco["annotations"]:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+    return max(counts.values(), default=0)
+
+
+# --------------------------------------------------------------------------- arms (run in a child process)
+
+
+def score_checkpoint(ckpt: Path, files: dict[str, Path]) -> dict[str, Any]:
+    """pycocotools segm metrics of a checkpoint on the test split."""
+    from models.data.coco import CategoryMap, CocoAnnotations
+    from models.data.dataset import CocoDataset
+    from models.engine.checkpoint import load_model
+    from models.engine.inference import evaluate_model, prepare_for_inference
+    from models.pipeline import FinetuneParams
+
+    model, state = load_model(ckpt)
+    tcfg = state["train_config"]
+    ann = CocoAnnotations(files["test"], files["images"], categories=CategoryMap.from_coco(state["categories"]))
+    ds = CocoDataset(ann, FinetuneParams(image_size=tcfg.short_side, max_size=tcfg.max_long_side).transform(False),
+                     train=False)
+    return evaluate_model(prepare_for_inference(model), ann, ds, 2, state["model_config"].mask_threshold)
+
+
+def run_torch_arm(arm: str, files: dict[str, Path], budget_min: float, seed: int, out: Path) -> dict[str, Any]:
+    import torch
+
+    from models.engine.checkpoint import save_checkpoint
+    from models.pipeline import FinetuneParams, PipelineHooks, run_finetune
+
+    overrides: dict[str, Any] = {"knet": {}, "knet_old": dict(OLD_DEFAULTS), "maskrcnn": {"arch": "maskrcnn"}}[arm]
+    overrides.update(json.loads(os.environ.get("UPLVP_BENCH_OVERRIDES", "{}")))  # ablations (bench --set)
+    if arm == "knet_old":  # 50 kernels, or as many as the fullest image needs where 50 cannot hold it
+        overrides["kernels"] = max(50, max_gt_per_image(load_json(files["train"])))
+    params = FinetuneParams(time_budget_min=budget_min, seed=seed, threads=THREADS, val_fraction=0.0, **overrides)
+    snaps: list[dict[str, Any]] = []
+    snap_dir = out / "snapshots"
+
+    def on_evaluation(model: Any, metrics: dict[str, Any]) -> None:
+        path = snap_dir / f"step{metrics['step']:06d}.pt"
+        if not path.is_file():
+            save_checkpoint(path, model, model.cfg, params.train_config(1), run_categories[0], [])
+        snaps.append({"step": metrics["step"], "elapsed_s": metrics["elapsed_s"], "val": metrics["segm"],
+                      "path": str(path)})
+        (out / "snapshots.json").write_text(json.dumps(snaps))
+
+    from models.data.coco import CocoAnnotations
+
+    run_categories = [CocoAnnotations(files["train"], files["images"]).categories.to_coco()]
+    if (out / "snapshots.json").is_file():
+        snaps.extend(json.loads((out / "snapshots.json").read_text()))
+    t0 = time.perf_counter()
+    res = run_finetune(files["train"], files["images"], out / "work", params, files["val"], files["images"],
+                       hooks=PipelineHooks(on_evaluation=on_evaluation), export=False)
+    wall = time.perf_counter() - t0
+    test = score_checkpoint(res.artifact, files)
+    curve = []
+    for s in snaps:
+        m = score_checkpoint(Path(s["path"]), files)
+        curve.append({"minutes": s["elapsed_s"] / 60, "step": s["step"], "val_AP": s["val"]["AP"],
+                      "test_AP": m["segm"]["AP"], "test_AP50": m["segm"]["AP50"]})
+    hist = res.history
+    ips = [e["images_per_s"] for e in hist if e.get("images_per_s")]
+    return {"test": test, "val": {k: res.metrics.get("segm", {}).get(k) for k in ("AP", "AP50", "AP75")},
+            "training": res.metrics.get("training"), "train_minutes": res.metrics["training"]["train_time_s"] / 60,
+            "wall_minutes": wall / 60, "images_per_s": statistics.median(ips) if ips else None, "curve": curve,
+            "params": {k: v for k, v in res.params.items() if k in overrides or k in ("time_budget_min", "seed")},
+            "torch_threads": torch.get_num_threads()}
+
+
+def to_yolo(files: dict[str, Path], out: Path) -> Path:
+    """The labelled subset and val as an Ultralytics YOLO-seg dataset (polygons, normalised), under `out`."""
+    import numpy as np
+
+    from models.data.masks import mask_to_polygons, segmentation_to_mask
+
+    cats = sorted(load_json(files["train"])["categories"], key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    for split in ("train", "val"):
+        coco = load_json(files[split])
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        by_image: dict[int, list[dict]] = {}
+        for a in coco["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a)
+        for im in coco["images"]:
+            src = files["images"] / im["file_name"]
+            stem = f"{im['id']}_{Path(im['file_name']).stem}"
+            link = out / "images" / split / f"{stem}{src.suffix}"
+            if not link.exists():
+                link.symlink_to(src.resolve())
+            lines = []
+            h, w = im["height"], im["width"]
+            for a in by_image.get(im["id"], []):
+                if a.get("iscrowd"):
+                    continue
+                polys = mask_to_polygons(np.asarray(segmentation_to_mask(a["segmentation"], h, w)))
+                for poly in polys:  # one YOLO line per polygon piece of the instance
+                    xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2) / [w, h]
+                    lines.append(" ".join([str(index[a["category_id"]]), *(f"{v:.6f}" for v in xy.clip(0, 1).ravel())]))
+            (out / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    yaml = out / "data.yaml"
+    yaml.write_text(json.dumps({"path": str(out), "train": "images/train", "val": "images/val",
+                                "names": {i: c["name"] for i, c in enumerate(cats)}}))
+    return yaml
+
+
+def run_yolo_arm(files: dict[str, Path], budget_min: float, seed: int, out: Path) -> dict[str, Any]:
+    os.environ["YOLO_OFFLINE"] = "1"
+    import numpy as np
+    import torch
+    import ultralytics.utils.torch_utils as tu
+    from PIL import Image
+    from ultralytics import YOLO
+
+    from models.engine.evaluate import evaluate_segm
+    from models.engine.predict import encode_masks
+
+    tu.NUM_THREADS = THREADS  # Ultralytics sets torch to cpu_count - 1 threads (1 here); the same 2 as every arm
+    data = to_yolo(files, out / "yolo_data")
+    t0 = time.perf_counter()
+    model = YOLO("yolov8n-seg.yaml")
+    model.train(data=str(data), time=budget_min / 60, epochs=1000, device="cpu", workers=0, seed=seed,
+                pretrained=False, amp=False, plots=False, project=str(out.resolve()), name="train", exist_ok=True,
+                verbose=False)
+    wall = time.perf_counter() - t0
+    best = out / "train" / "weights" / "best.pt"
+    model = YOLO(str(best if best.is_file() else out / "train" / "weights" / "last.pt"))
+    test = load_json(files["test"])
+    cats = sorted(load_json(files["train"])["categories"], key=lambda c: c["id"])
+    max_det = max(300, max_gt_per_image(test))
+    results = []
+    t1 = time.perf_counter()
+    for im in test["images"]:
+        path = files["images"] / im["file_name"]
+        pred = model.predict(str(path), conf=0.001, max_det=max_det, retina_masks=True, device="cpu", verbose=False)[0]
+        if pred.masks is None or len(pred.boxes) == 0:
+            continue
+        masks = pred.masks.data.cpu().numpy() > 0.5
+        if masks.shape[1:] != (im["height"], im["width"]):  # retina masks are at the original size; be safe
+            masks = np.stack([np.asarray(Image.fromarray(m).resize((im["width"], im["height"]))) for m in masks])
+        for rle, cls, conf in zip(encode_masks(masks), pred.boxes.cls.tolist(), pred.boxes.conf.tolist()):
+            results.append({"image_id": im["id"], "category_id": cats[int(cls)]["id"], "segmentation": rle,
+                            "score": float(conf)})
+    predict_s = time.perf_counter() - t1
+    metrics = evaluate_segm(test, results)
+    csv = out / "train" / "results.csv"
+    epochs = max(0, len(csv.read_text().splitlines()) - 1) if csv.is_file() else None
+    return {"test": metrics, "train_minutes": wall / 60, "wall_minutes": wall / 60, "epochs": epochs,
+            "predict_s_per_image": predict_s / max(1, len(test["images"])), "curve": [],
+            "params": {"time_budget_min": budget_min, "seed": seed, "model": "yolov8n-seg.yaml (scratch)",
+                       "imgsz": 640, "batch": 16}, "torch_threads": torch.get_num_threads()}
+
+
+def run_one(dataset: str, size: str, seed: int, arm: str, budget_min: float) -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    size_v: int | str = size if size == "all" else int(size)
+    files = prepare(dataset, size_v, seed)
+    out = WORK / run_name(dataset, size_v, seed, arm)
+    out.mkdir(parents=True, exist_ok=True)
+    res = run_yolo_arm(files, budget_min, seed, out) if arm == "yolo" else run_torch_arm(arm, files, budget_min, seed, out)
+    res.update({"dataset": dataset, "L": size_v, "seed": seed, "arm": arm, "budget_min": budget_min,
+                "train_images": len(load_json(files["train"])["images"]),
+                "val_images": len(load_json(files["val"])["images"]),
+                "test_images": len(load_json(files["test"])["images"]), "machine": machine()})
+    (out / "result.json").write_text(json.dumps(res, indent=1))
+    print(f"{run_name(dataset, size_v, seed, arm)}: test AP {res['test']['segm']['AP']} "
+          f"AP50 {res['test']['segm']['AP50']} in {res['train_minutes']:.1f} min", flush=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def collect() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(WORK.glob("*/result.json"))]
+
+
+def pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def mean_spread(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return pct(vals[0])
+    return f"{pct(statistics.mean(vals))} ± {100 * (max(vals) - min(vals)) / 2:.1f}"
+
+
+def report(runs: list[dict[str, Any]]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "real.json").write_text(json.dumps({"runs": runs}, indent=1))
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], str(r["L"])), {}).setdefault(r["arm"], []).append(r)
+    lines = ["# Real low-data benchmark (bench/real.py)", "",
+             "Test-split pycocotools segm metrics (%), equal wall-clock training budget per arm, 2 threads; "
+             "mean ± half-range over seeds where there are several. Selection on val only.", ""]
+    if runs:
+        m = runs[-1]["machine"]
+        lines += [f"Machine: {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch']} on "
+                  f"{THREADS} threads, commit {m['commit']}.", ""]
+    lines += ["| dataset | L | arm | seeds | budget (min) | mask AP | AP50 | AP75 | train img/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for (ds, size), arms in sorted(groups.items()):
+        for arm in ARMS:
+            rs = arms.get(arm)
+            if not rs:
+                continue
+            ips = [r["images_per_s"] for r in rs if r.get("images_per_s")]
+            cells = [mean_spread([r["test"]["segm"][k] for r in rs]) for k in ("AP", "AP50", "AP75")]
+            lines.append(f"| {ds} | {size} | {arm} | {len(rs)} | {rs[0]['budget_min']:g} | {' | '.join(cells)} | "
+                         f"{f'{statistics.median(ips):.2f}' if ips else '–'} |")
+    lines += ["", "Per category (test mask AP %, first seed):", ""]
+    for (ds, size), arms in sorted(groups.items()):
+        for arm in ARMS:
+            if arms.get(arm):
+                per = arms[arm][0]["test"].get("per_category", {})
+                lines.append(f"- {ds} L={size} {arm}: " + ", ".join(f"{k} {pct(v)}" for k, v in per.items()))
+    (RESULTS / "real.md").write_text("\n".join(lines) + "\n")
+    plot(groups)
+    print("\n".join(lines))
+
+
+def plot(groups: dict[tuple, dict[str, list[dict]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(groups)
+    if not keys:
+        return
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for arm in ARMS:
+            for r in groups[key].get(arm, [])[:1]:
+                if r["curve"]:
+                    ax.plot([c["minutes"] for c in r["curve"]], [100 * (c["test_AP"] or 0) for c in r["curve"]],
+                            marker="o", ms=3, label=arm)
+                else:  # YOLO keeps no per-evaluation weights: its final point
+                    ax.plot([r["train_minutes"]], [100 * (r["test"]["segm"]["AP"] or 0)], marker="*", ms=10,
+                            ls="", label=arm)
+        ax.set_title(f"{key[0]} L={key[1]}")
+        ax.set_xlabel("training minutes")
+        ax.set_ylabel("test mask AP (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "real.png", dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--sizes", nargs="+", default=["100"], help="labelled sizes L (numbers or 'all')")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--budget", type=float, default=10.0, help="training minutes per arm")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--run-one", nargs=4, metavar=("DATASET", "L", "SEED", "ARM"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.run_one:
+        ds, size, seed, arm = args.run_one
+        run_one(ds, size, int(seed), arm, args.budget)
+        return 0
+    if not args.report_only:
+        if not LOWDATA.is_dir():
+            raise SystemExit(f"benchmark data not found at {LOWDATA} (set UPLVP_BENCH_DATA to the shared/data folder)")
+        for seed in args.seeds:
+            for size in args.sizes:
+                for ds in args.datasets:
+                    n_train = len(load_json(LOWDATA / ds / "annotations" / "train.json")["images"])
+                    if size != "all" and int(size) >= n_train:
+                        size_eff = "all"  # "L = 100 (or all, if fewer)"
+                    else:
+                        size_eff = size
+                    for arm in args.arms:
+                        name = run_name(ds, size_eff, seed, arm)
+                        if (WORK / name / "result.json").is_file():
+                            continue
+                        print(f"=== {name} ({args.budget:g} min)", flush=True)
+                        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+                        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--budget", str(args.budget),
+                                        "--run-one", ds, str(size_eff), str(seed), arm], cwd=ROOT, env=env,
+                                       check=False)
+    report(collect())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

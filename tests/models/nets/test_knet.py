@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from models.config import ModelConfig
+from models.errors import ConfigError
+from models.nets.knet import KNet, build_knet, mask_pool
+
+
+@pytest.mark.parametrize("n,s,width", [(10, 1, 32), (20, 3, 64)])
+def test_output_shapes_follow_config(n, s, width):
+    cfg = ModelConfig(num_classes=7, backbone_weights="none", width=width, num_kernels=n, num_stages=s,
+                      num_heads=4, ffn_dim=2 * width, gn_groups=8)
+    net = KNet(cfg).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 128, 192))
+    assert out["init_masks"].shape == (2, n, 16, 24)  # stride 8
+    assert out["sem_seg"].shape == (2, 7, 16, 24)
+    assert len(out["stages"]) == s
+    for st in out["stages"]:
+        assert st["masks"].shape == (2, n, 16, 24) and st["logits"].shape == (2, n, 7)
+
+
+def test_prompts_change_stages_but_not_initial_masks():
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_classes=3, backbone_weights="none", width=32, num_kernels=8, num_stages=2, gn_groups=8)
+    net = KNet(cfg).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a = net(x)
+        b = net(x, kernel_prompts=torch.randn(1, 8, 32))
+    assert torch.equal(a["init_masks"], b["init_masks"])
+    assert not torch.allclose(a["stages"][0]["logits"], b["stages"][0]["logits"])
+
+
+def test_mask_pool_sums_features_under_hard_masks():
+    feats = torch.arange(2 * 2 * 2, dtype=torch.float32).reshape(1, 2, 2, 2)  # C=2, 2x2
+    masks = torch.tensor([[[[10.0, -10.0], [-10.0, 10.0]]]])  # kernel covers (0,0), (1,1)
+    pooled = mask_pool(masks, feats)
+    assert torch.equal(pooled, torch.tensor([[[0.0 + 3.0, 4.0 + 7.0]]]))
+
+
+def test_imagenet_backbone_loads_torchvision_weights():
+    import torchvision
+
+    net = KNet(ModelConfig(num_classes=2, backbone_weights="imagenet"))
+    ref = torchvision.models.mobilenet_v2(weights=torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
+    assert torch.equal(net.backbone.stages[0][0][0].weight, ref.features[0][0].weight)
+    assert torch.equal(net.backbone.stages[4][-1].conv[-1].weight, ref.features[17].conv[-1].weight)
+
+
+def test_frozen_stage_and_bn_eval():
+    net = KNet(ModelConfig(num_classes=2, backbone_weights="none", frozen_backbone_stages=2)).train()
+    assert not any(p.requires_grad for p in net.backbone.stages[1].parameters())
+    assert all(p.requires_grad for p in net.backbone.stages[2].parameters())
+    assert all(not m.training for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_invalid_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="num_heads"):
+        build_knet(ModelConfig(width=100, num_heads=8))

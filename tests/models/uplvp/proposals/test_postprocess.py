@@ -1,0 +1,58 @@
+import numpy as np
+import torch
+
+from models.uplvp.proposals.postprocess import (
+    components_per_class,
+    greedy_dedupe,
+    self_similarity_masks,
+    snap_to_segments,
+)
+
+
+def _square(y0, x0, s, size=20):
+    m = torch.zeros(size, size, dtype=torch.bool)
+    m[y0:y0 + s, x0:x0 + s] = True
+    return m
+
+
+def test_greedy_dedupe_keeps_k_best_non_overlapping():
+    masks = torch.stack([_square(0, 0, 10), _square(0, 1, 10), _square(12, 12, 6), _square(0, 12, 6)])
+    keep = greedy_dedupe(masks, torch.tensor([0.9, 0.8, 0.7, 0.6]), iou_threshold=0.5, k=2)
+    assert keep == [0, 2]
+
+
+def test_self_similarity_separates_two_regions():
+    # features: left half one direction, right half another (+ noise)
+    g = torch.Generator().manual_seed(0)
+    f = torch.zeros(8, 6, 10)
+    f[0, :, :5] = 1
+    f[1, :, 5:] = 1
+    f += 0.05 * torch.randn(f.shape, generator=g)
+    soft, maskness = self_similarity_masks(f, scales=(1.0,))
+    assert soft.shape == (60, 6, 10) and maskness.shape == (60,)
+    assert soft.min() >= 0 and soft.max() <= 1
+    left_query = soft[2 * 10 + 1] >= 0.5  # query at (2, 1)
+    assert left_query[:, :5].all() and not left_query[:, 5:].any()
+    assert (maskness > 0.7).all()
+
+
+def test_components_per_class_splits_and_filters():
+    probs = np.zeros((2, 20, 20), dtype=np.float32)
+    probs[1] = 1.0
+    probs[0, 2:6, 2:6] = 2.0  # class 0 wins in two separate squares, one too small
+    probs[0, 12:18, 12:18] = 2.0
+    probs[0, 0, 19] = 2.0
+    probs /= probs.sum(0, keepdims=True)
+    comps = components_per_class(probs, threshold=0.6, min_area_frac=0.01)
+    class0 = [c for c in comps if c[1] == 0]
+    assert sorted(int(m.sum()) for m, _, _ in class0) == [16, 36]
+    assert all(0 < s <= 1 for _, _, s in comps)
+
+
+def test_snap_to_segments_follows_segment_edges():
+    segments = np.zeros((10, 10), dtype=np.int64)
+    segments[:, 5:] = 1
+    soft = torch.zeros(1, 10, 10)
+    soft[0, :, :6] = 1.0  # a coarse mask that spills one column over the edge
+    snapped = snap_to_segments(soft, segments, threshold=0.5)
+    assert snapped[0, :, :5].all() and not snapped[0, :, 5:].any()
