@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test run bench clean
+.PHONY: setup test run bench bench-deps clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,13 @@ run: setup
 
 # The benchmarks read ../shared/data (or $$UPLVP_BENCH_DATA); run them one at a time: two torch
 # jobs on 2 cores slow each other several-fold.
-bench: setup
+# The YOLOv8n-seg peer of bench/real.py (bench only): Ultralytics without its dependencies, which
+# would add opencv-python beside our headless build; what it needs besides is already installed.
+bench-deps: setup
+	$(PIP) install --quiet --no-deps ultralytics ultralytics-thop polars
+
+bench: setup bench-deps
+	OMP_NUM_THREADS=2 $(PY) bench/real.py
 	OMP_NUM_THREADS=2 $(PY) bench/finetune.py
 	OMP_NUM_THREADS=2 $(PY) bench/proposals.py
 	OMP_NUM_THREADS=2 $(PY) bench/lowdata.py

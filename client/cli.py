@@ -1,6 +1,6 @@
 """`uplvp client ...`: talk to a running service from the shell.
 
-    uplvp client finetune data.zip --name shapes --epochs 30 --wait      # live progress bar
+    uplvp client finetune data.zip --name shapes --time-budget 10 --wait # live progress bar
     uplvp client finetune photos/ --annotations coco.json --name shapes  # a folder + one COCO JSON
     uplvp client segment img.jpg --model shapes --out overlay.png        # .png: overlay, else JSON
     uplvp client jobs [--state running]
@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--base", help="none | pretrained | <model>[:<version>]")
     p.add_argument("--unlabeled", type=Path, help="zip or folder of extra unlabeled images (with --base pretrained)")
-    for flag, typ in (("--epochs", int), ("--image-size", int), ("--val-fraction", float), ("--seed", int),
-                      ("--lr", float), ("--batch-size", int)):
+    for flag, typ in (("--time-budget", float), ("--epochs", int), ("--image-size", int), ("--val-fraction", float),
+                      ("--seed", int), ("--lr", float), ("--batch-size", int)):
         p.add_argument(flag, type=typ)
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
 
@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     c = Client(args.url, args.api_key)
     if args.command == "finetune":
         data: Any = zip_folder(args.dataset, args.annotations) if args.dataset.is_dir() else args.dataset
-        fields = {"base": args.base, "epochs": args.epochs, "image_size": args.image_size,
-                  "val_fraction": args.val_fraction, "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size}
+        fields = {"base": args.base, "time_budget_min": args.time_budget, "epochs": args.epochs,
+                  "image_size": args.image_size, "val_fraction": args.val_fraction, "seed": args.seed, "lr": args.lr,
+                  "batch_size": args.batch_size}
         if not args.wait:
             job = c.finetune(data, args.name, args.unlabeled, **fields)
             print(json.dumps({"id": job["id"], "state": job["state"]}))

@@ -78,3 +78,10 @@ def test_undecodable_image_is_a_clear_error(trained, tmp_path, capsys):
     bad.write_bytes(b"not an image")
     assert main(["segment", "--model", str(trained), str(bad)]) == 2
     assert "bad.jpg: cannot decode image" in capsys.readouterr().err
+
+
+def test_time_budget_below_the_minimum_is_a_clear_error(voc_coco, tmp_path, capsys):
+    ann, images = voc_coco
+    assert main(["finetune", "--train-ann", str(ann), "--train-images", str(images), "--time-budget", "0.5",
+                 "--out", str(tmp_path / "m.pt"), *TINY]) == 2
+    assert "time_budget_min must be at least 1.0" in capsys.readouterr().err

@@ -81,3 +81,25 @@ def test_exif_orientation_is_applied_the_same_in_training_and_serving(tmp_path: 
     trained_on, served = load_image(tmp_path / "phone.jpg"), decode_image(buf.getvalue(), "phone.jpg")
     assert trained_on.size == served.size == (40, 60)
     assert np.array_equal(np.asarray(trained_on), np.asarray(served))
+
+
+def test_kernels_follow_the_data_and_never_cap_it_silently():
+    from models.errors import ConfigError
+    from models.pipeline import auto_steps, kernels_for
+
+    assert kernels_for(3) == 50 and kernels_for(329) == 420  # 1.25 x 329, rounded up to 10
+    cfg = FinetuneParams().model_config(num_classes=1, max_instances=329)
+    assert cfg.num_kernels == 420 and cfg.max_per_image >= 420  # every kernel's mask can be returned
+    with pytest.raises(ConfigError, match="at least 329"):
+        FinetuneParams(kernels=50).model_config(num_classes=1, max_instances=329)
+    assert auto_steps(100) == 1500 and auto_steps(10) == 600 and auto_steps(10_000) == 4000
+
+
+def test_a_budget_below_the_minimum_is_refused():
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 1.0"):
+        FinetuneParams(time_budget_min=0.5).validate()
+    tcfg = FinetuneParams(time_budget_min=2).train_config(100)
+    assert tcfg.time_budget_s == 120 and tcfg.epochs >= 1000  # epochs only cap a budgeted run
+    assert FinetuneParams().train_config(100).epochs == 30  # no budget, no epochs: 1500 steps of 50
