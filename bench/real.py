@@ -344,15 +344,16 @@ def plot(groups: dict[tuple, dict[str, list[dict]]]) -> None:
     cols = min(3, len(keys))
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    colours = dict(zip(ARMS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for ax, key in zip(axes.flat, keys):
         for arm in ARMS:
             for r in groups[key].get(arm, [])[:1]:
                 if r["curve"]:
                     ax.plot([c["minutes"] for c in r["curve"]], [100 * (c["test_AP"] or 0) for c in r["curve"]],
-                            marker="o", ms=3, label=arm)
+                            marker="o", ms=3, label=arm, color=colours[arm])
                 else:  # YOLO keeps no per-evaluation weights: its final point
                     ax.plot([r["train_minutes"]], [100 * (r["test"]["segm"]["AP"] or 0)], marker="*", ms=10,
-                            ls="", label=arm)
+                            ls="", label=arm, color=colours[arm])
         ax.set_title(f"{key[0]} L={key[1]}")
         ax.set_xlabel("training minutes")
         ax.set_ylabel("test mask AP (%)")
