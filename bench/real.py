@@ -140,20 +140,20 @@ def run_torch_arm(arm: str, files: dict[str, Path], budget_min: float, seed: int
     if arm == "knet_old":  # 50 kernels, or as many as the fullest image needs where 50 cannot hold it
         overrides["kernels"] = max(50, max_gt_per_image(load_json(files["train"])))
     params = FinetuneParams(time_budget_min=budget_min, seed=seed, threads=THREADS, val_fraction=0.0, **overrides)
+    from models.data.coco import CocoAnnotations
+
+    categories = CocoAnnotations(files["train"], files["images"]).categories.to_coco()
     snaps: list[dict[str, Any]] = []
     snap_dir = out / "snapshots"
 
     def on_evaluation(model: Any, metrics: dict[str, Any]) -> None:
         path = snap_dir / f"step{metrics['step']:06d}.pt"
         if not path.is_file():
-            save_checkpoint(path, model, model.cfg, params.train_config(1), run_categories[0], [])
+            save_checkpoint(path, model, model.cfg, params.train_config(1), categories, [])
         snaps.append({"step": metrics["step"], "elapsed_s": metrics["elapsed_s"], "val": metrics["segm"],
                       "path": str(path)})
         (out / "snapshots.json").write_text(json.dumps(snaps))
 
-    from models.data.coco import CocoAnnotations
-
-    run_categories = [CocoAnnotations(files["train"], files["images"]).categories.to_coco()]
     if (out / "snapshots.json").is_file():
         snaps.extend(json.loads((out / "snapshots.json").read_text()))
     t0 = time.perf_counter()

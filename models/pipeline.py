@@ -468,9 +468,9 @@ def run_uplvp_pretraining(
             raise TrainingCancelled("cancelled while proposing pseudo masks")
         pseudo.with_suffix(".tmp.json").replace(pseudo)
     _stage(hooks, "pretraining")
-    mcfg_of = params.model_config  # kernels: run_finetune passes the count the fine-tuning data needs
     prompt_cfg = PromptConfig(num_slots=params.max_masks)
-    return pretrain_from_pseudo(pseudo, images, ckpt, params.pretrain_config(), prompt_cfg, mcfg_of, hooks,
+    # params.kernels: run_finetune passes the count its fine-tuning data needs
+    return pretrain_from_pseudo(pseudo, images, ckpt, params.pretrain_config(), prompt_cfg, params.model_config, hooks,
                                 resume=ckpt if ckpt.is_file() else None, extra={"engine": params.proposal_engine})
 
 

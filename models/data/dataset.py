@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.data.coco import IMAGE_EXTENSIONS, CocoAnnotations, load_image, to_rgb
+from models.data.coco import IMAGE_EXTENSIONS, CocoAnnotations, load_image
 from models.data.masks import segmentation_to_mask
 from models.data.transforms import (
     TransformConfig,
@@ -88,7 +88,7 @@ class CocoDataset(torch.utils.data.Dataset):
             transform = transform.scaled(random.uniform(*transform.scale_range))
             h, w = resized_shape(img.height, img.width, transform)
             # jitter the resized image: on a 12-megapixel photo it would cost more than the step
-            img = photometric_jitter(to_rgb(img).resize((w, h), Image.BILINEAR), transform.photometric, random)  # type: ignore[arg-type]
+            img = photometric_jitter(img.resize((w, h), Image.BILINEAR), transform.photometric, random)  # type: ignore[arg-type]
             x = to_tensor(img)
         else:
             x, (h, w) = preprocess_image(img, transform)
