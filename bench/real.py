@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import DATA, RESULTS, ROOT, machine  # noqa: E402
 
 WORK = Path(os.environ.get("UPLVP_BENCH_WORK", ROOT / "runs" / "bench" / "real"))  # another folder: probes
+# the committed report comes from the default folder; a probe's report stays beside its runs
+OUT = RESULTS if "UPLVP_BENCH_WORK" not in os.environ else WORK
 LOWDATA = DATA / "lowdata"
 DATASETS = ("balloon", "endangered_animals", "rice_leaf", "kudzu_bug", "dsb2018_nuclei", "bottles")
 ARMS = ("knet", "knet_old", "maskrcnn", "yolo")
@@ -57,6 +59,7 @@ THREADS = int(os.environ.get("UPLVP_BENCH_THREADS", "2"))
 OLD_DEFAULTS: dict[str, Any] = dict(lr=1e-4, image_size=384, max_size=640, warmup_iters=100, lr_steps=(2 / 3, 11 / 12),
                                     scale_min=1.0, scale_max=1.0, photometric=0.0, copy_paste=0.0, kernels=50,
                                     frozen_stages=1, light_p2=False, init_pool="sum", init_kernel_std=1.0, one_to_many=1,
+                                    kernel_init="static",
                                     rescore=False, nms=False, keep_best=False)
 
 
@@ -221,7 +224,7 @@ def run_yolo_arm(files: dict[str, Path], budget_min: float, seed: int, out: Path
     from ultralytics import YOLO
 
     from models.engine.evaluate import evaluate_segm
-    from models.engine.predict import encode_masks
+    from models.data.masks import encode_masks
 
     tu.NUM_THREADS = THREADS  # Ultralytics sets torch to cpu_count - 1 threads (1 here); the same 2 as every arm
     data = to_yolo(files, out / "yolo_data")
@@ -298,8 +301,8 @@ def mean_spread(values: list[float | None]) -> str:
 
 
 def report(runs: list[dict[str, Any]]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "real.json").write_text(json.dumps({"runs": runs}, indent=1))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "real.json").write_text(json.dumps({"runs": runs}, indent=1))
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in runs:
         groups.setdefault((r["dataset"], str(r["L"])), {}).setdefault(r["arm"], []).append(r)
@@ -327,7 +330,7 @@ def report(runs: list[dict[str, Any]]) -> None:
             if arms.get(arm):
                 per = arms[arm][0]["test"].get("per_category", {})
                 lines.append(f"- {ds} L={size} {arm}: " + ", ".join(f"{k} {pct(v)}" for k, v in per.items()))
-    (RESULTS / "real.md").write_text("\n".join(lines) + "\n")
+    (OUT / "real.md").write_text("\n".join(lines) + "\n")
     plot(groups)
     print("\n".join(lines))
 
@@ -362,7 +365,7 @@ def plot(groups: dict[tuple, dict[str, list[dict]]]) -> None:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(RESULTS / "real.png", dpi=110)
+    fig.savefig(OUT / "real.png", dpi=110)
 
 
 def main() -> int:

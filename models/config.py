@@ -47,6 +47,11 @@ class ModelConfig:
     # at ~sqrt(width) and move ~lr per Adam step; 0: 1/sqrt(width), logits of unit scale)
     init_kernel_std: float = 1.0
     one_to_many: int = 1  # k > 1: one-to-many matching (k kernels per object) before the last stage (criterion.py)
+    # Where the initial kernels come from: "static" (reference K-Net: N learnt vectors, the same for
+    # every image) or "centers": a dense head predicts object centres, and each image's N kernels
+    # are its N highest centre peaks' features (plus the learnt vectors), so every kernel starts on
+    # one object of this image (the query selection of DINO / Mask DINO); its loss is "center".
+    kernel_init: str = "static"
 
     def validate(self) -> "ModelConfig":
         if self.arch not in ("knet", "maskrcnn"):
@@ -65,6 +70,8 @@ class ModelConfig:
             raise ConfigError("num_kernels and num_stages must be >= 1")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ConfigError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if self.kernel_init not in ("static", "centers"):
+            raise ConfigError(f"kernel_init must be 'static' or 'centers', got {self.kernel_init!r}")
         if self.init_pool not in ("sum", "mean"):
             raise ConfigError(f"init_pool must be 'sum' or 'mean', got {self.init_pool!r}")
         if not 0 <= self.frozen_backbone_stages <= 5:

@@ -87,7 +87,8 @@ class FinetuneParams:
     light_p2: bool = True  # FPN P2 without its 3x3 output conv (models.config.ModelConfig)
     init_pool: str = "mean"  # initial kernel features: "sum" (reference) or "mean" (models.config.ModelConfig)
     init_kernel_std: float = 0.0  # initial kernels' weight std (models.config.ModelConfig; 0: 1/sqrt(width))
-    one_to_many: int = 3  # kernels matched to each object before the last stage (models.nets.criterion)
+    one_to_many: int = 1  # kernels matched to each object before the last stage (models.nets.criterion)
+    kernel_init: str = "centers"  # kernels start from predicted object centres, or "static" (models.config.ModelConfig)
     backbone_weights: str = "imagenet"
     mask_threshold: float = 0.5
     rescore: bool = True  # inference: class probability x mask quality
@@ -144,6 +145,7 @@ class FinetuneParams:
                            ffn_dim=4 * self.width, max_per_image=max(100, kernels),
                            frozen_backbone_stages=self.frozen_stages, light_p2=self.light_p2, init_pool=self.init_pool,
                            init_kernel_std=self.init_kernel_std, one_to_many=self.one_to_many,
+                           kernel_init=self.kernel_init,
                            rescore=self.rescore, nms=self.nms).validate()
 
     def train_config(self, num_images: int) -> Any:

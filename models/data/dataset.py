@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 
 from models.data.coco import IMAGE_EXTENSIONS, CocoAnnotations, load_image
-from models.data.masks import segmentation_to_mask
+from models.data.masks import decode_masks, encode_masks, segmentation_to_mask
 from models.data.transforms import (
     TransformConfig,
     boxes_from_masks,
     paste_instances,
     photometric_jitter,
     preprocess_image,
+    rescale_mask,
     resize_mask,
     resized_shape,
     to_tensor,
@@ -46,20 +47,34 @@ class Sample:
     iscrowd: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # bool [G]
 
 
+class _Decoded(NamedTuple):
+    """One image as CocoDataset caches it: resized once, masks as RLEs at the same size."""
+
+    image: Image.Image  # RGB, at the largest size the dataset uses
+    masks: list[dict]  # COCO RLEs at that size, one per wanted instance
+    labels: list[int]
+    crowd: list[bool]
+    orig_size: tuple[int, int]  # (H, W) of the file
+
+
 class CocoDataset(torch.utils.data.Dataset):
     """Images and instance targets of a CocoAnnotations, resized for the model.
 
     Training: random horizontal flip, crowd regions dropped from the targets (K-Net/mmdet
     ignore them; COCOeval handles them at evaluation), images without instances skipped.
     Evaluation (train=False): every image, every annotation (crowd ones flagged in `iscrowd`).
-    Instances whose mask vanishes in the resize are dropped.
+    Instances whose mask vanishes in the resize are dropped. Decoded images are cached in memory
+    up to `cache_mb` (each at the largest size the dataset uses, masks run-length encoded).
     """
 
     def __init__(self, annotations: CocoAnnotations, transform: TransformConfig, train: bool,
-                 skip_empty: bool | None = None) -> None:
+                 skip_empty: bool | None = None, cache_mb: float = 1024.0) -> None:
         self.ann = annotations
         self.transform = transform
         self.train = train
+        self.cache_mb = cache_mb  # decoded images kept in memory (see _decoded); 0: none
+        self._cache: dict[int, _Decoded] = {}
+        self._cache_bytes = 0
         skip = train if skip_empty is None else skip_empty
         self.images = [im for im in annotations.images
                        if not skip or any(not a["iscrowd"] for a in annotations.annotations_for(im["id"]))]
@@ -72,9 +87,16 @@ class CocoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool], tuple[int, int]]:
-        """Image i resized (with this sample's scale jitter, photometric jitter and flip when
-        training): (image [3,h,w], masks uint8 [G,h,w], labels, crowd flags, (H, W) original)."""
+    def _decoded(self, i: int) -> _Decoded:
+        """Image i decoded once at the largest size this dataset ever uses, with its wanted
+        instances' masks at that size (RLE), kept in memory while the cache has room.
+
+        Decoding a photo and rasterising its polygons at full resolution cost more than the
+        model's step on small images; every epoch (and every evaluation) would redo it.
+        """
+        hit = self._cache.get(i)
+        if hit is not None:
+            return hit
         info = self.images[i]
         path = self.ann.image_path(info)
         img = load_image(path)
@@ -83,15 +105,8 @@ class CocoDataset(torch.utils.data.Dataset):
             hint = " (after applying its EXIF orientation)" if (img.height, img.width) == (W, H) else ""
             raise DataError(f"{path}: image is {img.height}x{img.width} (HxW){hint} but "
                             f"{self.ann.ann_file.name} says {H}x{W}")
-        transform = self.transform
-        if self.train:
-            transform = transform.scaled(random.uniform(*transform.scale_range))
-            h, w = resized_shape(img.height, img.width, transform)
-            # jitter the resized image: on a 12-megapixel photo it would cost more than the step
-            img = photometric_jitter(img.resize((w, h), Image.BILINEAR), transform.photometric, random)  # type: ignore[arg-type]
-            x = to_tensor(img)
-        else:
-            x, (h, w) = preprocess_image(img, transform)
+        largest = self.transform.scaled(self.transform.scale_range[1]) if self.train else self.transform
+        h, w = resized_shape(H, W, largest)
         masks, labels, crowd = [], [], []
         for a in self.ann.annotations_for(info["id"]):
             if not self._wanted(a):
@@ -103,7 +118,33 @@ class CocoDataset(torch.utils.data.Dataset):
             masks.append(m)
             labels.append(self.ann.label_of(a))
             crowd.append(bool(a["iscrowd"]))
-        m = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.uint8)
+        item = _Decoded(img if (h, w) == (H, W) else img.resize((w, h), Image.BILINEAR),
+                        encode_masks(np.stack(masks)) if masks else [], labels, crowd, (H, W))
+        size = 3 * h * w + sum(len(r["counts"]) for r in item.masks)
+        if self._cache_bytes + size <= self.cache_mb * 2**20:
+            self._cache[i] = item
+            self._cache_bytes += size
+        return item
+
+    def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool], tuple[int, int]]:
+        """Image i resized (with this sample's scale jitter, photometric jitter and flip when
+        training): (image [3,h,w], masks uint8 [G,h,w], labels, crowd flags, (H, W) original)."""
+        item = self._decoded(i)
+        (H, W), img = item.orig_size, item.image
+        transform = self.transform
+        if self.train:
+            transform = transform.scaled(random.uniform(*transform.scale_range))
+        h, w = resized_shape(H, W, transform)
+        if (img.height, img.width) != (h, w):
+            img = img.resize((w, h), Image.BILINEAR)
+        if self.train:
+            # jitter the resized image: on a 12-megapixel photo it would cost more than the step
+            img = photometric_jitter(img, transform.photometric, random)  # type: ignore[arg-type]
+        x = to_tensor(img)
+        masks = [rescale_mask(m, (h, w)) for m in decode_masks(item.masks)]
+        keep = [k for k, m in enumerate(masks) if m.any()]  # a mask can vanish at a smaller jittered scale
+        m = torch.from_numpy(np.stack([masks[k] for k in keep])) if keep else torch.zeros(0, h, w, dtype=torch.uint8)
+        labels, crowd = [item.labels[k] for k in keep], [item.crowd[k] for k in keep]
         if self.train and random.random() < transform.flip_prob:
             x, m = x.flip(-1), m.flip(-1)
         return x, m, labels, crowd, (H, W)

@@ -130,6 +130,26 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
+def encode_masks(binary: np.ndarray) -> list[dict]:
+    """[K,H,W] bool -> K compressed RLEs with str counts (JSON-ready)."""
+    if binary.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles
+
+
+def decode_masks(rles: list[dict]) -> list[np.ndarray]:
+    """encode_masks' RLEs (str or bytes counts) -> uint8 [H, W] masks in {0, 1}."""
+    if not rles:
+        return []
+    raw = [{"size": r["size"], "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]}
+           for r in rles]
+    stack = mask_utils.decode(raw)  # [H, W, K], Fortran order
+    return [np.ascontiguousarray(stack[..., k]) for k in range(stack.shape[-1])]
+
+
 def decode_rle(rle: dict) -> np.ndarray:
     """Compressed RLE (str or bytes ``counts``) or uncompressed RLE -> uint8 [H, W] in {0, 1}."""
     if not isinstance(rle, dict) or "size" not in rle:

@@ -147,6 +147,19 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (frac >= 0.5).astype(np.uint8)
 
 
+def rescale_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A mask already resized once (uint8 [H', W'] in {0, 1}) -> uint8 [h, w], nearest neighbour.
+
+    For the second resize of a cached mask (scale jitter from the cached size): each pixel takes
+    one source pixel, so masks that did not overlap still do not (averaging twice could give a
+    boundary pixel to two instances).
+    """
+    h, w = size
+    if mask.shape == (h, w):
+        return mask
+    return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     """Binary masks [G, h, w] -> float [G, 4] tight xyxy boxes in pixels (x2, y2 exclusive)."""
     out = torch.zeros(masks.shape[0], 4)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from models.data.masks import encode_masks
+
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU between two sets of binary masks. a: [M, H, W], b: [N, H, W] (bool/0-1) -> [M, N]."""
@@ -82,16 +84,6 @@ def knet_detections(outputs: dict, input_sizes: list[tuple[int, int]], max_per_i
             scores, label, chosen = scores[order], label[order], chosen[order]
         dets.append({"masks": chosen, "scores": scores, "labels": label})
     return dets
-
-
-def encode_masks(binary: np.ndarray) -> list[dict]:
-    """[K,H,W] bool -> K compressed RLEs with str counts (JSON-ready)."""
-    if binary.shape[0] == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
-    for r in rles:
-        r["counts"] = r["counts"].decode("ascii")
-    return rles
 
 
 def detections_to_instances(

@@ -184,14 +184,22 @@ def train(
         return state.step >= cfg.max_steps if cfg.max_steps else state.epoch >= cfg.epochs
 
     def lay_out(step_s: float, eval_s: float) -> None:
-        """The budgeted plan: total steps, epochs, evaluation spacing (all stored in the checkpoint)."""
+        """The budgeted plan: total steps, epochs, evaluation spacing (all stored in the checkpoint).
+
+        The evaluations still to pay for depend on the plan (a short run evaluates every epoch,
+        fewer than cfg.evaluations times), so the plan is solved twice: once reserving
+        cfg.evaluations, then reserving the evaluations that plan actually makes.
+        """
         nonlocal cfg
         evals_done = sum("AP" in e for e in state.history)
-        steps = plan_steps(cfg, step_s, eval_s, steps_per_epoch, time.perf_counter() - run_t0, state.step,
-                           max(1, cfg.evaluations - evals_done))
-        epochs = math.ceil(steps / steps_per_epoch)
-        cfg = dataclasses.replace(cfg, max_steps=steps, epochs=epochs,
-                                  eval_every=max(1, round(epochs / cfg.evaluations)))
+        evals_left = max(1, cfg.evaluations - evals_done)
+        for _ in range(2):
+            steps = plan_steps(cfg, step_s, eval_s, steps_per_epoch, time.perf_counter() - run_t0, state.step,
+                               evals_left)
+            epochs = math.ceil(steps / steps_per_epoch)
+            every = max(1, round(epochs / cfg.evaluations))
+            evals_left = max(1, min(evals_left, math.ceil((epochs - state.epoch) / every)))
+        cfg = dataclasses.replace(cfg, max_steps=steps, epochs=epochs, eval_every=every)
         announce()
 
     def announce() -> None:
@@ -199,8 +207,8 @@ def train(
             hooks.on_plan({"epochs": cfg.epochs, "steps": cfg.max_steps, "steps_per_epoch": steps_per_epoch,
                            "time_budget_s": cfg.time_budget_s})
 
-    step_times: list[float] = []
-    eval_s_measured: float | None = None
+    step_times: list[float] = []  # wall time of each step, its batch's loading included
+    last_end: float | None = None
     announce()
     while not finished():
         epoch = state.epoch
@@ -212,6 +220,7 @@ def train(
         sums: dict[str, float] = {}
         n_images, n_steps, t0 = 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not hooks.progress, leave=False)
+        last_end = None  # the first batch of an epoch also pays for the loader's start
         for i, batch in enumerate(bar):
             if hooks.should_stop and hooks.should_stop():
                 raise TrainingCancelled(f"cancelled in epoch {epoch + 1}, step {i}")
@@ -235,7 +244,9 @@ def train(
             bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.1e}")
             if hooks.on_step:
                 hooks.on_step(epoch, i, len(loader), scalars)
-            step_times.append(time.perf_counter() - ts)
+            end = time.perf_counter()
+            step_times.append(end - (last_end if last_end is not None else ts))
+            last_end = end
             if budgeted and len(step_times) == PROBE_STEPS:
                 step_s = float(np.median(step_times[1:]))
                 # evaluation ~ a forward per val image, about a third of a training step per image
@@ -280,10 +291,12 @@ def train(
                 patience_left -= 1
                 if patience_left <= 0:
                     state.stopped = "early_stop"
-            if budgeted and eval_s_measured is None and cfg.max_steps and state.step < cfg.max_steps // 4:
-                # re-plan once with the evaluation's real cost, while the lr is still flat
-                eval_s_measured = entry["eval_time_s"]
-                lay_out(float(np.median(step_times[1:])) if len(step_times) > 1 else elapsed / steps, eval_s_measured)
+            if budgeted and cfg.max_steps and state.step < 0.6 * cfg.max_steps * min(cfg.lr_steps, default=1.0):
+                # re-plan with the measured costs while the lr is still flat: the first steps are
+                # slow (images decoded for the first time, cold caches) and evaluations cost what
+                # they cost; recent steps are the best guess of the ones to come
+                recent = step_times[-3 * steps_per_epoch:] if len(step_times) > 1 else [elapsed / steps]
+                lay_out(float(np.median(recent)), float(entry["eval_time_s"]))
         if over_budget and not finished():
             state.stopped = "time_budget"
         state.history.append(entry)

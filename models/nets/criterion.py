@@ -3,7 +3,8 @@
 Losses are computed at stride 4: stride-8 predictions are upsampled x2, targets are
 resized (anti-aliased, kept soft) to the same grid.
 
-Initial kernels: BCE 1, dice 4 on matched masks + semantic focal 1.
+Initial kernels: BCE 1, dice 4 on matched masks + semantic focal 1 (+ centre focal 1 when the
+kernels start from predicted object centres, ModelConfig.kernel_init "centers").
 Each stage s:    focal cls 2, BCE 1, dice 4; matched with stage s-1's detached predictions.
 """
 
@@ -22,6 +23,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "init_bce": 1.0,
     "init_dice": 4.0,
     "sem_seg": 1.0,
+    "center": 1.0,
     "cls": 2.0,
     "bce": 1.0,
     "dice": 4.0,
@@ -55,6 +57,46 @@ def resize_targets(targets: list[dict], size: tuple[int, int]) -> list[dict]:
     return out
 
 
+def center_targets(targets: list[dict], num_classes: int, size: tuple[int, int]) -> torch.Tensor:
+    """Per-class object-centre heat maps [B,K,h,w] at the kernels' grid (stride 8).
+
+    Each object gives a Gaussian around its mask's centre of mass (sigma 0.3 x the mask's spread
+    on each axis, TTFNet's elliptical shape), multiplied by the mask itself so the peak lies on the
+    object even when it is not convex, and scaled so its best cell is exactly 1: the one positive
+    cell of CenterNet's focal loss. targets: stride-4 soft masks (resize_targets) of size 2h x 2w.
+    """
+    h, w = size
+    out = torch.zeros(len(targets), num_classes, h, w)
+    yy = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
+    xx = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
+    for b, t in enumerate(targets):
+        if not t["labels"].numel():
+            continue
+        m = F.avg_pool2d(t["masks"][:, None].float(), 2)[:, 0, :h, :w]  # [G,h,w]
+        mass = m.flatten(1).sum(1).clamp(min=1e-6)[:, None, None]
+        cy, cx = (m * yy).sum((1, 2), keepdim=True) / mass, (m * xx).sum((1, 2), keepdim=True) / mass
+        sy = ((m * (yy - cy) ** 2).sum((1, 2), keepdim=True) / mass).sqrt().mul(0.3).clamp(min=0.5)
+        sx = ((m * (xx - cx) ** 2).sum((1, 2), keepdim=True) / mass).sqrt().mul(0.3).clamp(min=0.5)
+        heat = torch.exp(-((yy - cy) ** 2) / (2 * sy**2) - ((xx - cx) ** 2) / (2 * sx**2)) * m
+        heat = heat / heat.flatten(1).amax(1).clamp(min=1e-6)[:, None, None]
+        for g, label in enumerate(t["labels"].tolist()):
+            out[b, label] = torch.maximum(out[b, label], heat[g])
+    return out
+
+
+def center_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss: [B,K,h,w] logits and heat maps -> scalar.
+
+    Cells at 1 are positives; the others are negatives whose weight (1 - target)^4 fades near
+    a centre. Normalised by the number of objects.
+    """
+    pos = target >= 1.0 - 1e-4
+    p = logits.sigmoid()
+    pos_loss = F.logsigmoid(logits) * (1 - p) ** 2
+    neg_loss = F.logsigmoid(-logits) * p**2 * (1 - target) ** 4
+    return -(pos_loss[pos].sum() + neg_loss[~pos].sum()) / max(int(pos.sum()), 1)
+
+
 def _gather(masks: torch.Tensor, targets: list[dict], assign: list[Assignment]) -> tuple[torch.Tensor, torch.Tensor]:
     """Matched predictions and targets across the batch: ([P,H,W], [P,H,W])."""
     preds = [masks[b, k] for b, (k, _) in enumerate(assign)]
@@ -84,6 +126,7 @@ class SetCriterion(nn.Module):
             "bce": self.loss_bce,
             "dice": self.loss_dice,
             "sem_seg": self.loss_sem_seg,
+            "center": self.loss_center,
         }
 
     # --- individual losses: (predictions, soft targets at stride 4, assignment) -> scalar ---
@@ -117,6 +160,10 @@ class SetCriterion(nn.Module):
         num_fg = int(target.amax(1).sum().item())
         return sigmoid_focal_loss(seg, target, alpha=0.25, gamma=2.0, reduction="sum") / max(num_fg, 1)
 
+    def loss_center(self, centers: torch.Tensor, targets: list[dict], assign: list[Assignment], num_pos: int) -> torch.Tensor:
+        """Centre focal on the [B,K,h,w] centre map over every object (matched or not)."""
+        return center_focal_loss(centers, center_targets(targets, self.num_classes, tuple(centers.shape[-2:])).to(centers))
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """outputs: KNet outputs (stride-8 logits); targets[b]: {"masks": uint8 [G,Hp,Wp], "labels": [G]}."""
         init_masks = upsample2(outputs["init_masks"])
@@ -128,6 +175,8 @@ class SetCriterion(nn.Module):
         losses["init_bce"] = self.loss_fns["bce"](init_masks, soft, assign, num_pos)
         losses["init_dice"] = self.loss_fns["dice"](init_masks, soft, assign, num_pos)
         losses["sem_seg"] = self.loss_fns["sem_seg"](upsample2(outputs["sem_seg"]), soft, assign, num_pos)
+        if "centers" in outputs:
+            losses["center"] = self.loss_fns["center"](outputs["centers"], soft, assign, num_pos)
 
         # Stage s is assigned with stage s-1's (detached) predictions; stage 0 with the
         # initial kernels' masks and no class scores (K-Net, post_assign=False).

@@ -16,7 +16,9 @@ from models.config import ModelConfig
 from models.nets.backbone import MobileNetV2Backbone
 from models.nets.neck import FPN, SemanticFPN, conv_gn_relu
 
-KNetOutputs = dict  # {"init_masks": [B,N,h,w], "sem_seg": [B,K,h,w], "stages": [{"masks","logits"}] * S}
+# {"init_masks": [B,N,h,w], "sem_seg": [B,K,h,w], "stages": [{"masks","logits"}] * S,
+#  and with kernel_init "centers": "centers": [B,K,h,w] centre logits}
+KNetOutputs = dict
 # prompts added to the initial kernels: a tensor [B,N,C] or (pyramid, kernels [B,N,C]) -> [B,N,C]
 PromptSource = torch.Tensor | Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None
 
@@ -62,6 +64,48 @@ class KernelUpdator(nn.Module):
         return F.relu(self.fc_norm(self.fc(upd)))
 
 
+def select_peaks(heat: torch.Tensor, n: int) -> torch.Tensor:
+    """The n best positions of a centre heat map, local maxima first.
+
+    heat: [B,h,w] probabilities -> [B,n] flat indices into h*w. A 3x3 local maximum ranks above
+    every other cell (CenterNet's max-pool "NMS"), so one object gives one kernel while it has
+    peaks to spare; when there are fewer than n cells, indices repeat.
+    """
+    b, h, w = heat.shape
+    peak = heat == F.max_pool2d(heat[:, None], 3, stride=1, padding=1)[:, 0]
+    rank = (heat + peak.to(heat.dtype)).flatten(1)
+    idx = rank.topk(min(n, h * w), dim=1).indices
+    if idx.shape[1] < n:
+        idx = idx.repeat(1, math.ceil(n / idx.shape[1]))[:, :n]
+    return idx
+
+
+class LocalityPrior(nn.Module):
+    """A Gaussian bump around each kernel's centre, added to its mask logits (kernel_init "centers").
+
+    kernels [B,N,C], centres [B,N,2] (y, x in grid cells), grid (h, w) -> [B,N,h,w] logits
+    -0.5 * ((y - cy)^2 / sy^2 + (x - cx)^2 / sx^2), with (sy, sx) read from the kernel. A kernel
+    dotted with the features lights up every pixel that looks like its object; the bump keeps it
+    on the one it started from, so two balloons side by side get two masks (CondInst gives its
+    dynamic mask heads relative coordinates for the same reason).
+    """
+
+    def __init__(self, c: int, init_cells: float = 4.0) -> None:
+        super().__init__()
+        self.scale = nn.Linear(c, 2)
+        nn.init.zeros_(self.scale.weight)
+        nn.init.constant_(self.scale.bias, math.log(init_cells))
+
+    def forward(self, kernels: torch.Tensor, centres: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        h, w = grid
+        sigma = self.scale(kernels).clamp(max=8.0).exp()  # [B,N,2]
+        ys = torch.arange(h, device=kernels.device, dtype=kernels.dtype)
+        xs = torch.arange(w, device=kernels.device, dtype=kernels.dtype)
+        dy = (ys[None, None] - centres[..., :1]) / sigma[..., :1]  # [B,N,h]
+        dx = (xs[None, None] - centres[..., 1:]) / sigma[..., 1:]  # [B,N,w]
+        return -0.5 * (dy.pow(2)[..., :, None] + dx.pow(2)[..., None, :])
+
+
 def _head(c: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(c, c, bias=False), nn.LayerNorm(c), nn.ReLU(inplace=True), nn.Linear(c, out))
 
@@ -87,20 +131,30 @@ class KernelUpdateStage(nn.Module):
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+        self.prior = LocalityPrior(c) if cfg.kernel_init == "centers" else None
         # Focal-loss prior: start every class at p = 0.01 so the many background
-        # kernels do not swamp the first updates.
-        nn.init.constant_(self.cls_head[-1].bias, -math.log(99.0))
+        # kernels do not swamp the first updates (with "centers" kernels, the centre logits
+        # added to this head already start there).
+        nn.init.constant_(self.cls_head[-1].bias, 0.0 if cfg.kernel_init == "centers" else -math.log(99.0))
 
     def forward(
-        self, x: torch.Tensor, kernels: torch.Tensor, masks: torch.Tensor
+        self, x: torch.Tensor, kernels: torch.Tensor, masks: torch.Tensor, centres: torch.Tensor | None = None,
+        centre_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """centres [B,N,2]: the kernels' starting cells, centre_logits [B,N,K]: the centre map's class
+        logits there (kernel_init "centers"; else None). The class head adds to those logits: the
+        dense centre map learns objectness from every pixel, far faster than N kernels do."""
         xt = self.feat_transform(x)
         group = mask_pool(masks, xt)
         k = self.updator(group, kernels)
         k = self.attn_norm(k + self.attn(k, k, k, need_weights=False)[0])
         k = self.ffn_norm(k + self.ffn(k))
         logits = self.cls_head(k)
+        if centre_logits is not None:
+            logits = logits + centre_logits
         new_masks = torch.einsum("bnc,bchw->bnhw", self.mask_head(k), xt)
+        if self.prior is not None and centres is not None:
+            new_masks = new_masks + self.prior(k, centres, tuple(xt.shape[-2:]))
         return k, new_masks, logits
 
 
@@ -128,6 +182,12 @@ class KNet(nn.Module):
         nn.init.normal_(self.init_kernels.weight, std=cfg.init_kernel_std or 1.0 / math.sqrt(c))
         nn.init.normal_(self.conv_seg.weight, std=0.01)
         nn.init.constant_(self.conv_seg.bias, -math.log(99.0))
+        if cfg.kernel_init == "centers":
+            self.center_head = nn.Sequential(conv_gn_relu(c, c, 3, g), nn.Conv2d(c, cfg.num_classes, 1))
+            self.center_proj = nn.Linear(c, c)
+            self.center_prior = LocalityPrior(c)
+            nn.init.normal_(self.center_head[-1].weight, std=0.01)
+            nn.init.constant_(self.center_head[-1].bias, -math.log(99.0))
         self.stages = nn.ModuleList(KernelUpdateStage(cfg) for _ in range(cfg.num_stages))
 
     def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -138,11 +198,26 @@ class KNet(nn.Module):
 
     def forward(self, images: torch.Tensor, kernel_prompts: PromptSource = None) -> KNetOutputs:
         pyramid, loc, sem = self.features(images)
-        init_masks = self.init_kernels(loc)  # [B,N,h,w]
+        out: KNetOutputs = {}
+        weight = self.init_kernels.weight.flatten(1)  # [N,C]
+        if self.cfg.kernel_init == "centers":
+            # each kernel starts as the feature at one predicted object centre (selection is not
+            # differentiable; the features it picks are), plus its learnt vector
+            centers = self.center_head(loc)  # [B,K,h,w]
+            idx = select_peaks(centers.detach().sigmoid().amax(1), weight.shape[0])  # [B,N]
+            picked = loc.flatten(2).gather(2, idx[:, None].expand(-1, loc.shape[1], -1))  # [B,C,N]
+            first = self.center_proj(picked.transpose(1, 2)) + weight  # [B,N,C]
+            grid = tuple(loc.shape[-2:])
+            centres = torch.stack((idx // grid[1], idx % grid[1]), -1).to(loc.dtype)  # [B,N,2] (y, x)
+            init_masks = torch.einsum("bnc,bchw->bnhw", first, loc) + self.center_prior(first, centres, grid)
+            out["centers"] = centers
+            centre_logits = centers.flatten(2).gather(2, idx[:, None].expand(-1, centers.shape[1], -1)).transpose(1, 2)
+        else:
+            first, centres, centre_logits = weight.unsqueeze(0), None, None
+            init_masks = self.init_kernels(loc)  # [B,N,h,w]
         sem_seg = self.conv_seg(sem)  # [B,K,h,w]
         x = sem + loc
-        weight = self.init_kernels.weight.flatten(1)  # [N,C]
-        kernels = weight.unsqueeze(0) + mask_pool(init_masks, x, self.cfg.init_pool == "mean")  # [B,N,C]
+        kernels = first + mask_pool(init_masks, x, self.cfg.init_pool == "mean")  # [B,N,C]
         if callable(kernel_prompts):
             kernel_prompts = kernel_prompts(pyramid, kernels)
         if kernel_prompts is not None:
@@ -150,9 +225,10 @@ class KNet(nn.Module):
         masks = init_masks
         stages = []
         for stage in self.stages:
-            kernels, masks, logits = stage(x, kernels, masks)
+            kernels, masks, logits = stage(x, kernels, masks, centres, centre_logits)
             stages.append({"masks": masks, "logits": logits})
-        return {"init_masks": init_masks, "sem_seg": sem_seg, "stages": stages}
+        out.update(init_masks=init_masks, sem_seg=sem_seg, stages=stages)
+        return out
 
 
 class KNetSegmenter(nn.Module):

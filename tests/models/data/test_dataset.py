@@ -421,3 +421,29 @@ def test_paste_instances_occludes_and_drops():
     assert keep.tolist() == [False, True, True]
     assert torch.equal(kept[0], masks[1]) and kept[1][:6, :6].all()
     assert (out[:, :6, :6] == 1).all() and (out[:, 6:, 6:] == 0).all()
+
+
+def test_decoded_images_are_cached_and_match_uncached(voc_coco, tmp_path):
+    """The in-memory cache gives the same samples as decoding each time, and spares the disk."""
+    import shutil
+
+    ann_file, images = voc_coco
+    copy = tmp_path / "images"
+    shutil.copytree(images, copy)
+    ann = CocoAnnotations(ann_file, copy)
+    t = TransformConfig(96, 128, flip_prob=0.0)
+    cached, fresh = CocoDataset(ann, t, train=False), CocoDataset(ann, t, train=False, cache_mb=0)
+    a, b = cached[0], fresh[0]
+    assert torch.equal(a.image, b.image) and torch.equal(a.masks, b.masks) and torch.equal(a.labels, b.labels)
+    assert fresh._cache == {} and cached._cache_bytes > 0
+    for f in copy.iterdir():
+        f.unlink()
+    again = cached[0]  # from memory: the file is gone
+    assert torch.equal(again.image, a.image) and torch.equal(again.masks, a.masks)
+    with pytest.raises(DataError, match="not found"):
+        fresh[0]
+    # training: cached once at the largest jittered size, every sample resized from it
+    train = CocoDataset(CocoAnnotations(*voc_coco), TransformConfig(96, 128, scale_range=(0.5, 1.5)), train=True)
+    first = train[0]
+    assert next(iter(train._cache.values())).image.size == (192, 144)  # 1.5 x (128, 96)
+    assert len(first.labels) == len(first.masks) and (first.masks.flatten(1).sum(1) > 0).all()

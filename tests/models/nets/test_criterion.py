@@ -1,6 +1,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from models.nets.criterion import (
@@ -59,7 +60,7 @@ def test_loss_names_finite_and_differentiable():
 def test_total_applies_weights_by_name():
     crit = build_criterion(3)
     one = torch.tensor(1.0)
-    losses = {"init_bce": one, "init_dice": one, "sem_seg": one, "s0_cls": one, "s0_bce": one, "s0_dice": one}
+    losses = {"init_bce": one, "init_dice": one, "sem_seg": one, "center": one, "s0_cls": one, "s0_bce": one, "s0_dice": one}
     assert crit.total(losses).item() == sum(DEFAULT_WEIGHTS.values())
     crit2 = SetCriterion(3, HungarianMatcher(), {**DEFAULT_WEIGHTS, "dice": 0.0})
     assert crit2.total(losses).item() == sum(DEFAULT_WEIGHTS.values()) - DEFAULT_WEIGHTS["dice"]
@@ -95,3 +96,43 @@ def test_classification_normalised_by_positives():
     onehot[0, k, soft[0]["labels"][g]] = 1
     expected = sigmoid_focal_loss(outs["stages"][0]["logits"], onehot, reduction="sum") / 2
     assert torch.allclose(losses["s0_cls"], expected)
+
+
+def test_center_targets_peak_once_per_object_and_on_the_object():
+    from models.nets.criterion import center_targets, resize_targets
+
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 8:40, 8:24] = 1  # a box: its centre is inside
+    masks[1, 8:56, 40:56] = 1  # an L shape whose centre of mass lies outside it
+    masks[1, 40:56, 24:56] = 1
+    soft = resize_targets([{"masks": masks, "labels": torch.tensor([0, 1])}], (16, 16))
+    heat = center_targets(soft, 2, (8, 8))
+    assert heat.shape == (1, 2, 8, 8) and heat.max() <= 1
+    for k in range(2):
+        ys, xs = torch.nonzero(heat[0, k] >= 1 - 1e-4, as_tuple=True)
+        assert len(ys) >= 1
+        cell = F.avg_pool2d(masks[k][None, None].float(), 8)[0, 0]
+        assert all(cell[y, x] > 0 for y, x in zip(ys.tolist(), xs.tolist()))  # the peak is on the object
+
+
+def test_center_loss_falls_when_the_map_predicts_the_centres():
+    from models.nets.criterion import center_focal_loss
+
+    target = torch.zeros(1, 1, 8, 8)
+    target[0, 0, 3, 3] = 1.0
+    target[0, 0, 3, 4] = 0.5
+    good = torch.full_like(target, -6.0)
+    good[0, 0, 3, 3] = 6.0
+    bad = torch.full_like(target, -6.0)
+    bad[0, 0, 6, 6] = 6.0
+    assert center_focal_loss(good, target) < 0.01 < center_focal_loss(bad, target)
+
+
+def test_center_loss_only_with_center_outputs():
+    crit = build_criterion(3)
+    outs = _outputs()
+    outs["centers"] = torch.randn(2, 3, 8, 8, requires_grad=True)
+    losses = crit(outs, _targets())
+    assert "center" in losses and torch.isfinite(losses["center"])
+    crit.total(losses).backward()
+    assert outs["centers"].grad.abs().sum() > 0

@@ -58,3 +58,56 @@ def test_frozen_stage_and_bn_eval():
 def test_invalid_config_is_a_config_error():
     with pytest.raises(ConfigError, match="num_heads"):
         build_knet(ModelConfig(width=100, num_heads=8))
+
+
+def test_select_peaks_takes_local_maxima_before_their_neighbours():
+    from models.nets.knet import select_peaks
+
+    heat = torch.linspace(0.0, 0.01, 36).reshape(1, 6, 6)  # background rising to one corner
+    heat[0, 1, 1], heat[0, 1, 2] = 0.9, 0.8  # one object: a peak and its shoulder
+    heat[0, 4, 3] = 0.3  # a weaker second object
+    idx = select_peaks(heat, 4)[0].tolist()
+    # both objects' peaks, then the background's own local maximum, all before the shoulder
+    assert idx == [1 * 6 + 1, 4 * 6 + 3, 35, 1 * 6 + 2]
+    # more kernels than cells: every cell, then repeats
+    many = select_peaks(torch.rand(2, 2, 2), 10)
+    assert many.shape == (2, 10) and set(many[0].tolist()) == {0, 1, 2, 3}
+
+
+def test_center_kernels_start_on_the_selected_features():
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_classes=2, backbone_weights="none", width=32, num_kernels=6, num_stages=1, gn_groups=8,
+                      kernel_init="centers")
+    net = KNet(cfg).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 64, 96))
+    assert out["centers"].shape == (2, 2, 8, 12)
+    assert out["init_masks"].shape == (2, 6, 8, 12)
+    # two images give different initial kernels (static kernels would give the same weights)
+    assert not torch.allclose(out["init_masks"][0], out["init_masks"][1])
+    with pytest.raises(ConfigError, match="kernel_init"):
+        ModelConfig(kernel_init="learned").validate()
+
+
+def test_locality_prior_is_a_bump_at_each_kernels_centre():
+    from models.nets.knet import LocalityPrior
+
+    prior = LocalityPrior(8, init_cells=4.0)
+    centres = torch.tensor([[[2.0, 3.0], [7.0, 0.0]]])  # two kernels, (y, x) cells
+    bump = prior(torch.randn(1, 2, 8), centres, (10, 12))
+    assert bump.shape == (1, 2, 10, 12)
+    assert bump[0, 0, 2, 3] == 0 and bump[0, 1, 7, 0] == 0  # no penalty at the centre
+    assert torch.isclose(bump[0, 0, 2, 7], torch.tensor(-0.5))  # 4 cells (one sigma) away
+    assert bump[0, 0].argmax() == 2 * 12 + 3 and bump[0, 0, 9, 11] < bump[0, 0, 4, 5] < 0
+
+
+def test_center_kernels_take_their_class_start_from_the_centre_map():
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_classes=2, backbone_weights="none", width=32, num_kernels=4, num_stages=1, gn_groups=8,
+                      kernel_init="centers")
+    net = KNet(cfg).eval()
+    with torch.no_grad():
+        net.center_head[-1].bias.copy_(torch.tensor([3.0, -3.0]))  # the centre map says: class 0
+        out = net(torch.randn(1, 3, 64, 64))
+    p = out["stages"][0]["logits"].sigmoid()
+    assert (p[..., 0] > p[..., 1]).all()
