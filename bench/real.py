@@ -312,9 +312,9 @@ def report(runs: list[dict[str, Any]]) -> None:
     if runs:
         m = runs[-1]["machine"]
         lines += [f"Machine: {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch']} on "
-                  f"{THREADS} threads, commit {m['commit']}.", ""]
-    lines += ["| dataset | L | arm | seeds | budget (min) | mask AP | AP50 | AP75 | train img/s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                  f"{THREADS} threads; each row names the commit its runs were made at.", ""]
+    lines += ["| dataset | L | arm | seeds | budget (min) | mask AP | AP50 | AP75 | train img/s | commit |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, size), arms in sorted(groups.items()):
         for arm in ARMS:
             rs = arms.get(arm)
@@ -323,7 +323,8 @@ def report(runs: list[dict[str, Any]]) -> None:
             ips = [r["images_per_s"] for r in rs if r.get("images_per_s")]
             cells = [mean_spread([r["test"]["segm"][k] for r in rs]) for k in ("AP", "AP50", "AP75")]
             lines.append(f"| {ds} | {size} | {arm} | {len(rs)} | {rs[0]['budget_min']:g} | {' | '.join(cells)} | "
-                         f"{f'{statistics.median(ips):.2f}' if ips else '–'} |")
+                         f"{f'{statistics.median(ips):.2f}' if ips else '–'} | "
+                         f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} |")
     lines += ["", "Per category (test mask AP %, first seed):", ""]
     for (ds, size), arms in sorted(groups.items()):
         for arm in ARMS:

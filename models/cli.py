@@ -399,7 +399,7 @@ def cmd_demo_data(argv: list[str]) -> int:
             for f in sorted(images.iterdir()):
                 zf.write(f, f"images/{f.name}")
     print(f"{args.out}: COCO zip with {args.copies} images; try `uplvp client finetune {args.out} --name demo "
-          "--epochs 60 --lr 0.0005 --val-fraction 0 --wait`")
+          "--time-budget 3 --val-fraction 0 --wait` (the quickstart)")
     return 0
 
 

@@ -58,7 +58,8 @@ def resize_targets(targets: list[dict], size: tuple[int, int]) -> list[dict]:
 
 
 def center_targets(targets: list[dict], num_classes: int, size: tuple[int, int]) -> torch.Tensor:
-    """Per-class object-centre heat maps [B,K,h,w] at the kernels' grid (stride 8).
+    """Per-class object-centre heat maps [B,K,h,w] at the kernels' grid (stride 8); with
+    num_classes 1, one class-agnostic map of every object's centre.
 
     Each object gives a Gaussian around its mask's centre of mass (sigma 0.3 x the mask's spread
     on each axis, TTFNet's elliptical shape), multiplied by the mask itself so the peak lies on the
@@ -80,7 +81,8 @@ def center_targets(targets: list[dict], num_classes: int, size: tuple[int, int])
         heat = torch.exp(-((yy - cy) ** 2) / (2 * sy**2) - ((xx - cx) ** 2) / (2 * sx**2)) * m
         heat = heat / heat.flatten(1).amax(1).clamp(min=1e-6)[:, None, None]
         for g, label in enumerate(t["labels"].tolist()):
-            out[b, label] = torch.maximum(out[b, label], heat[g])
+            c = label if num_classes > 1 else 0
+            out[b, c] = torch.maximum(out[b, c], heat[g])
     return out
 
 
@@ -161,8 +163,9 @@ class SetCriterion(nn.Module):
         return sigmoid_focal_loss(seg, target, alpha=0.25, gamma=2.0, reduction="sum") / max(num_fg, 1)
 
     def loss_center(self, centers: torch.Tensor, targets: list[dict], assign: list[Assignment], num_pos: int) -> torch.Tensor:
-        """Centre focal on the [B,K,h,w] centre map over every object (matched or not)."""
-        return center_focal_loss(centers, center_targets(targets, self.num_classes, tuple(centers.shape[-2:])).to(centers))
+        """Centre focal on the [B,1,h,w] (or per-class [B,K,h,w]) centre map over every object, matched or not."""
+        k, size = centers.shape[1], (centers.shape[-2], centers.shape[-1])
+        return center_focal_loss(centers, center_targets(targets, k, size).to(centers))
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """outputs: KNet outputs (stride-8 logits); targets[b]: {"masks": uint8 [G,Hp,Wp], "labels": [G]}."""

@@ -113,6 +113,8 @@ def test_center_targets_peak_once_per_object_and_on_the_object():
         assert len(ys) >= 1
         cell = F.avg_pool2d(masks[k][None, None].float(), 8)[0, 0]
         assert all(cell[y, x] > 0 for y, x in zip(ys.tolist(), xs.tolist()))  # the peak is on the object
+    agnostic = center_targets(soft, 1, (8, 8))  # one map: both objects' peaks in it
+    assert agnostic.shape == (1, 1, 8, 8) and torch.equal(agnostic[0, 0], heat[0].amax(0))
 
 
 def test_center_loss_falls_when_the_map_predicts_the_centres():
