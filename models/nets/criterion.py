@@ -67,9 +67,10 @@ def center_targets(targets: list[dict], num_classes: int, size: tuple[int, int])
     cell of CenterNet's focal loss. targets: stride-4 soft masks (resize_targets) of size 2h x 2w.
     """
     h, w = size
-    out = torch.zeros(len(targets), num_classes, h, w)
-    yy = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
-    xx = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
+    device = targets[0]["masks"].device if targets else None  # the masks' device (CPU or CUDA)
+    out = torch.zeros(len(targets), num_classes, h, w, device=device)
+    yy = torch.arange(h, dtype=torch.float32, device=device)[:, None].expand(h, w)
+    xx = torch.arange(w, dtype=torch.float32, device=device)[None, :].expand(h, w)
     for b, t in enumerate(targets):
         if not t["labels"].numel():
             continue
