@@ -52,6 +52,11 @@ class ModelConfig:
     # are its N highest centre peaks' features (plus the learnt vectors), so every kernel starts on
     # one object of this image (the query selection of DINO / Mask DINO); its loss is "center".
     kernel_init: str = "static"
+    # Grid of the last stage's masks (the answer): 8 (reference: the stride-8 features, upsampled
+    # x2 for the loss and the output) or 4: the last stage dots its kernels with stride-4
+    # features (FPN P2 through a 1x1 conv, plus the stride-8 features upsampled), as Mask2Former
+    # and SOLOv2 do. Earlier stages stay at stride 8: they only steer the kernels.
+    mask_stride: int = 8
 
     def validate(self) -> "ModelConfig":
         if self.arch not in ("knet", "maskrcnn"):
@@ -72,6 +77,8 @@ class ModelConfig:
             raise ConfigError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.kernel_init not in ("static", "centers"):
             raise ConfigError(f"kernel_init must be 'static' or 'centers', got {self.kernel_init!r}")
+        if self.mask_stride not in (4, 8):
+            raise ConfigError(f"mask_stride must be 4 or 8, got {self.mask_stride}")
         if self.init_pool not in ("sum", "mean"):
             raise ConfigError(f"init_pool must be 'sum' or 'mean', got {self.init_pool!r}")
         if not 0 <= self.frozen_backbone_stages <= 5:

@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import math
+import statistics
 import random
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,6 +32,10 @@ Stage = str  # "validating" | "proposing" | "pretraining" | "finetuning" | "eval
 EVAL_EVERY_EPOCH_MAX = 100  # val images up to which every epoch is evaluated (AP per epoch in the curves)
 MAX_BUDGET_EPOCHS = 10_000  # a budgeted run's epoch cap when none is given: the budget decides
 MIN_KERNELS = 50
+# image_size 0 follows the data (image_size_for): the short side that makes the median instance
+# OBJECT_PX pixels across, between AUTO_SIZE_MIN and AUTO_SIZE_MAX (a CPU's cost grows with its square)
+OBJECT_PX = 32
+AUTO_SIZE_MIN, AUTO_SIZE_MAX = 320, 640
 
 
 def auto_steps(num_images: int) -> int:
@@ -45,6 +50,31 @@ def kernels_for(max_instances: int) -> int:
     more than that count (rounded up to a multiple of 10), so every instance has a kernel and
     the Hungarian matching still has spares to choose from."""
     return max(MIN_KERNELS, int(math.ceil(1.25 * max_instances / 10) * 10))
+
+
+def image_size_for(annotations: Any) -> int:
+    """The short side for image_size 0: the median instance (the square root of its area, relative to
+    its image's short side) becomes OBJECT_PX pixels across, rounded up to a multiple of 32, within
+    AUTO_SIZE_MIN..AUTO_SIZE_MAX and never more than twice the images' median short side.
+
+    At the fixed 320 a nucleus of a 260-px microscopy tile is ~2 cells of the stride-8 grid and a
+    10-px insect on a 576-px photo a fraction of one; a balloon or an animal stays at 320."""
+    rel, shorts = [], []
+    for im in annotations.images:
+        short = min(im["height"], im["width"])
+        shorts.append(short)
+        rel += [math.sqrt(a["area"]) / short for a in annotations.annotations_for(im["id"])
+                if not a["iscrowd"] and a["area"] > 0]
+    if not rel:
+        return AUTO_SIZE_MIN
+    want = OBJECT_PX / statistics.median(rel)
+    cap = max(AUTO_SIZE_MIN, 2 * statistics.median(shorts))
+    return int(min(AUTO_SIZE_MAX, cap, max(AUTO_SIZE_MIN, math.ceil(want / 32) * 32)))
+
+
+def long_side_for(short_side: int) -> int:
+    """The long-side cap that goes with a short side: 5/3 of it (320 -> 533, a 16:9 photo fits)."""
+    return max(short_side, round(short_side * 5 / 3))
 
 
 @dataclass
@@ -62,8 +92,8 @@ class FinetuneParams:
     arch: str = "knet"  # knet | maskrcnn (the CNN reference, same backbone and loop)
     epochs: int = 0  # 0: from the budget, or from the dataset's size
     time_budget_min: float = 0.0  # 0: no budget
-    image_size: int = 320  # short side after resize
-    max_size: int = 533  # cap on the long side
+    image_size: int = 320  # short side after resize (0: follows the data, image_size_for)
+    max_size: int = 533  # cap on the long side (with image_size 0: long_side_for the size chosen)
     batch_size: int = 2
     lr: float = 4e-4
     weight_decay: float = 0.05
@@ -89,6 +119,7 @@ class FinetuneParams:
     init_kernel_std: float = 0.0  # initial kernels' weight std (models.config.ModelConfig; 0: 1/sqrt(width))
     one_to_many: int = 1  # kernels matched to each object before the last stage (models.nets.criterion)
     kernel_init: str = "centers"  # kernels start from predicted object centres, or "static" (models.config.ModelConfig)
+    mask_stride: int = 8  # grid of the last stage's masks: 8, or 4 from FPN P2 (models.config.ModelConfig)
     backbone_weights: str = "imagenet"
     mask_threshold: float = 0.5
     rescore: bool = True  # inference: class probability x mask quality
@@ -118,8 +149,19 @@ class FinetuneParams:
         if self.time_budget_min and self.time_budget_min < MIN_TIME_BUDGET_MIN:
             raise ConfigError(f"time_budget_min must be at least {MIN_TIME_BUDGET_MIN} (minutes: a few steps and "
                               f"one evaluation), got {self.time_budget_min}")
-        self.train_config(100).validate()
+        if self.image_size < 0:
+            raise ConfigError(f"image_size must be >= 32 (or 0: follow the data), got {self.image_size}")
+        (dataclasses.replace(self, image_size=AUTO_SIZE_MIN, max_size=long_side_for(AUTO_SIZE_MIN))
+         if self.image_size == 0 else self).train_config(100).validate()
         return self
+
+    def for_data(self, annotations: Any) -> FinetuneParams:
+        """These parameters with what follows the data resolved: image_size 0 becomes image_size_for
+        the training annotations (and max_size its long_side_for)."""
+        if self.image_size:
+            return self
+        size = image_size_for(annotations)
+        return dataclasses.replace(self, image_size=size, max_size=long_side_for(size))
 
     def pretrain_config(self) -> Any:
         """The TrainConfig of the UPLVP pre-training (the reference's gradient clip of 1.0)."""
@@ -145,7 +187,7 @@ class FinetuneParams:
                            ffn_dim=4 * self.width, max_per_image=max(100, kernels),
                            frozen_backbone_stages=self.frozen_stages, light_p2=self.light_p2, init_pool=self.init_pool,
                            init_kernel_std=self.init_kernel_std, one_to_many=self.one_to_many,
-                           kernel_init=self.kernel_init,
+                           kernel_init=self.kernel_init, mask_stride=self.mask_stride,
                            rescore=self.rescore, nms=self.nms).validate()
 
     def train_config(self, num_images: int) -> Any:
@@ -325,6 +367,7 @@ def run_finetune(
         train_set_ann = CocoAnnotations(train_ann, train_images)
         categories = train_set_ann.categories
     most = max_instances(train_set_ann)
+    params = params.for_data(train_set_ann)
     tcfg = params.train_config(len(train_set_ann.images)).validate()
     if state is not None:
         mcfg = state["model_config"]
@@ -390,6 +433,7 @@ def run_finetune(
                 "time_budget_min": params.time_budget_min or None, "stopped": run.stopped,
                 "selected_epoch": run.best["epoch"] if run.best is not None and tcfg.keep_best else run.epoch,
                 "kernels": mcfg.num_kernels if mcfg.arch == "knet" else None, "max_instances_per_image": most,
+                "image_size": [tcfg.short_side, tcfg.max_long_side],
                 "train_time_s": round(sum(e.get("train_time_s", 0.0) + e.get("eval_time_s", 0.0)
                                           for e in run.history), 1)}
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from models.data.masks import encode_masks
+from models.nets.criterion import at_stride4
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -54,8 +55,9 @@ def knet_detections(outputs: dict, input_sizes: list[tuple[int, int]], max_per_i
                     mask_threshold: float = 0.5, rescore: bool = True, nms: bool = True) -> list[dict]:
     """K-Net inference (method.md §5.5): last stage, top-k over N kernels x K classes.
 
-    outputs["stages"][-1]: masks [B,N,h8,w8] logits, logits [B,N,K]. Masks are upsampled x2
-    to stride 4, cropped to each image's unpadded area, and returned as probabilities.
+    outputs["stages"][-1]: masks [B,N,h8,w8] (or already [B,N,2h8,2w8], ModelConfig.mask_stride 4)
+    logits, logits [B,N,K]. Masks are brought to stride 4, cropped to each image's unpadded area,
+    and returned as probabilities.
 
     `rescore` multiplies each class probability by its mask's quality, the mean probability
     inside the binarised mask (Mask2Former): a kernel with a confident class but a vague mask
@@ -64,7 +66,8 @@ def knet_detections(outputs: dict, input_sizes: list[tuple[int, int]], max_per_i
     every copy after the first is a high-scoring false positive.
     """
     last = outputs["stages"][-1]
-    masks = F.interpolate(last["masks"], scale_factor=2, mode="bilinear", align_corners=False)
+    h8, w8 = outputs.get("init_masks", last["masks"]).shape[-2:]  # the stride-8 grid
+    masks = at_stride4(last["masks"], (2 * h8, 2 * w8))
     scores_all = last["logits"].sigmoid()
     n, k = scores_all.shape[1:]
     dets = []

@@ -1,7 +1,8 @@
 """K-Net set-prediction losses (method.md §4.1), DETR style: losses looked up by name, weights in a dict.
 
-Losses are computed at stride 4: stride-8 predictions are upsampled x2, targets are
-resized (anti-aliased, kept soft) to the same grid.
+Losses are computed at stride 4: stride-8 predictions are upsampled x2 (stride-4 ones, the last
+stage's with ModelConfig.mask_stride 4, are used as they are), targets are resized (anti-aliased,
+kept soft) to the same grid.
 
 Initial kernels: BCE 1, dice 4 on matched masks + semantic focal 1 (+ centre focal 1 when the
 kernels start from predicted object centres, ModelConfig.kernel_init "centers").
@@ -42,6 +43,11 @@ def dice_loss(pred_logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-3
 def upsample2(x: torch.Tensor) -> torch.Tensor:
     """Stride-8 logits [B,*,h,w] -> stride-4 [B,*,2h,2w] (K-Net's mask_upsample_stride=2)."""
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def at_stride4(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Mask logits [B,N,h,w] at stride 8 or already at stride 4 (ModelConfig.mask_stride 4) -> [B,N,*size]."""
+    return masks if tuple(masks.shape[-2:]) == tuple(size) else upsample2(masks)
 
 
 def resize_targets(targets: list[dict], size: tuple[int, int]) -> list[dict]:
@@ -186,7 +192,7 @@ class SetCriterion(nn.Module):
         # initial kernels' masks and no class scores (K-Net, post_assign=False).
         prev_masks, prev_logits = init_masks.detach(), None
         for i, stage in enumerate(outputs["stages"]):
-            masks = upsample2(stage["masks"])
+            masks = at_stride4(stage["masks"], tuple(init_masks.shape[-2:]))
             last = i == len(outputs["stages"]) - 1
             assign = self.matcher(prev_masks, prev_logits, soft, 1 if last else self.one_to_many)
             num_pos = sum(len(k) for k, _ in assign)

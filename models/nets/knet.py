@@ -104,9 +104,13 @@ class LocalityPrior(nn.Module):
         nn.init.zeros_(self.scale.weight)
         nn.init.constant_(self.scale.bias, math.log(init_cells))
 
-    def forward(self, kernels: torch.Tensor, centres: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, kernels: torch.Tensor, centres: torch.Tensor, grid: tuple[int, int],
+                cell: int = 1) -> torch.Tensor:
+        """`cell` > 1: `grid` is `cell` times finer than the one `centres` and the widths are counted in
+        (the stride-4 masks of ModelConfig.mask_stride 4 around stride-8 centres)."""
         h, w = grid
-        sigma = self.scale(kernels).clamp(max=8.0).exp()  # [B,N,2]
+        sigma = self.scale(kernels).clamp(max=8.0).exp() * cell  # [B,N,2]
+        centres = centres * cell + (cell - 1) / 2  # the centre of a coarse cell, in fine cells
         ys = torch.arange(h, device=kernels.device, dtype=kernels.dtype)
         xs = torch.arange(w, device=kernels.device, dtype=kernels.dtype)
         dy = (ys[None, None] - centres[..., :1]) / sigma[..., :1]  # [B,N,h]
@@ -147,12 +151,14 @@ class KernelUpdateStage(nn.Module):
 
     def forward(
         self, x: torch.Tensor, kernels: torch.Tensor, masks: torch.Tensor, centres: torch.Tensor | None = None,
-        centre_logits: torch.Tensor | None = None,
+        centre_logits: torch.Tensor | None = None, mask_feats: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """centres [B,N,2]: the kernels' starting cells, centre_logits [B,N,1]: the centre map's
         logit there (kernel_init "centers"; else None). Every class logit adds it: the dense,
         class-agnostic centre map learns objectness from every pixel, far faster than N kernels do;
-        which class it is stays the class head's call, from the features pooled under the mask."""
+        which class it is stays the class head's call, from the features pooled under the mask.
+        mask_feats [B,C,2h,2w] (the last stage with mask_stride 4): stride-4 detail added to the
+        upsampled features, so the new masks are made at stride 4."""
         xt = self.feat_transform(x)
         group = mask_pool(masks, xt)
         k = self.updator(group, kernels)
@@ -161,16 +167,20 @@ class KernelUpdateStage(nn.Module):
         logits = self.cls_head(k)
         if centre_logits is not None:
             logits = logits + centre_logits
-        new_masks = torch.einsum("bnc,bchw->bnhw", self.mask_head(k), xt)
+        xm = xt if mask_feats is None else mask_feats + F.interpolate(
+            xt, size=mask_feats.shape[-2:], mode="bilinear", align_corners=False)
+        new_masks = torch.einsum("bnc,bchw->bnhw", self.mask_head(k), xm)
         if self.prior is not None and centres is not None:
-            new_masks = new_masks + self.prior(k, centres, tuple(xt.shape[-2:]))
+            cell = xm.shape[-2] // xt.shape[-2]
+            new_masks = new_masks + self.prior(k, centres, (xm.shape[-2], xm.shape[-1]), cell)
         return k, new_masks, logits
 
 
 class KNet(nn.Module):
     """MobileNetV2 + FPN + semantic FPN + initial kernels + S update stages.
 
-    forward(images [B,3,H,W], kernel_prompts) -> KNetOutputs with masks at stride 8 (logits).
+    forward(images [B,3,H,W], kernel_prompts) -> KNetOutputs with masks at stride 8 (logits); the last
+    stage's at stride 4 with mask_stride 4.
     `kernel_prompts` (UPLVP pre-training only): None, a tensor [B,N,C], or a callable
     (FPN levels P2..P5, initial kernels [B,N,C]) -> [B,N,C] (models.uplvp.prompts.Prompter). The
     prompts are added to the initial kernels after the initial masks are made, so the
@@ -199,6 +209,13 @@ class KNet(nn.Module):
             self.center_prior = LocalityPrior(c)
             nn.init.normal_(self.center_head[-1].weight, std=0.01)
             nn.init.constant_(self.center_head[-1].bias, -math.log(99.0))
+        if cfg.mask_stride == 4:
+            # stride-4 detail for the last stage's masks: a 1x1 conv of P2 (a 3x3 one at stride 4
+            # would be the network's largest conv, see light_p2) added to the upsampled stride-8
+            # features. Its norm starts at zero, so the stride-4 masks start as the stride-8 ones
+            # upsampled and learn the detail from there; no ReLU, so that zero start still learns.
+            self.mask_p2 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.GroupNorm(g, c))
+            nn.init.zeros_(self.mask_p2[1].weight)
         self.stages = nn.ModuleList(KernelUpdateStage(cfg) for _ in range(cfg.num_stages))
 
     def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -239,9 +256,11 @@ class KNet(nn.Module):
         if kernel_prompts is not None:
             kernels = kernels + kernel_prompts
         masks = init_masks
+        fine = self.mask_p2(pyramid[0]) if self.cfg.mask_stride == 4 else None  # [B,C,2h,2w]
         stages = []
-        for stage in self.stages:
-            kernels, masks, logits = stage(x, kernels, masks, centres, centre_logits)
+        for i, stage in enumerate(self.stages):
+            last = i == len(self.stages) - 1
+            kernels, masks, logits = stage(x, kernels, masks, centres, centre_logits, fine if last else None)
             stages.append({"masks": masks, "logits": logits})
         out.update(init_masks=init_masks, sem_seg=sem_seg, stages=stages)
         return out

@@ -103,3 +103,40 @@ def test_a_budget_below_the_minimum_is_refused():
     tcfg = FinetuneParams(time_budget_min=2).train_config(100)
     assert tcfg.time_budget_s == 120 and tcfg.epochs >= 1000  # epochs only cap a budgeted run
     assert FinetuneParams().train_config(100).epochs == 30  # no budget, no epochs: 1500 steps of 50
+
+
+def _sized(images: list[tuple[int, int]], sides: list[list[float]]) -> object:
+    """A stand-in for CocoAnnotations: images (h, w), and per image its instances' sides in pixels."""
+    from types import SimpleNamespace
+
+    ims = [{"id": i, "height": h, "width": w} for i, (h, w) in enumerate(images)]
+    anns = {i: [{"area": s * s, "iscrowd": 0} for s in ss] for i, ss in enumerate(sides)}
+    return SimpleNamespace(images=ims, annotations_for=lambda i: anns[i])
+
+
+def test_image_size_follows_the_size_of_the_objects():
+    from models.pipeline import image_size_for
+
+    assert image_size_for(_sized([(600, 800)], [[200.0, 300.0]])) == 320  # large objects: the floor
+    # nuclei of ~13 px on 260-px tiles: 32 px wants 640, twice the tile is 520
+    assert image_size_for(_sized([(260, 260)] * 3, [[13.0, 14.0]] * 3)) == 520
+    # lesions of ~25 px on 416-px photos: 32 / (25 / 416) = 532 -> 544
+    assert image_size_for(_sized([(416, 1000)], [[25.0, 24.0, 26.0]])) == 544
+    assert image_size_for(_sized([(576, 768)], [[6.0, 9.0]])) == 640  # tiny insects: the cap
+    assert image_size_for(_sized([(576, 768)], [[]])) == 320  # no instance: nothing to follow
+
+
+def test_image_size_zero_is_resolved_from_the_training_set(voc4: tuple[Path, Path], tmp_path: Path):
+    from models.pipeline import image_size_for, long_side_for
+
+    ann, images = voc4
+    res = run_finetune(ann, images, tmp_path / "run", FinetuneParams(**{**TINY, "image_size": 0, "max_size": 0}),
+                       export=False)
+    from models.data.coco import CocoAnnotations
+
+    size = image_size_for(CocoAnnotations(ann, images))
+    assert res.params["image_size"] == size and res.params["max_size"] == long_side_for(size)
+    from models.engine.checkpoint import load_checkpoint
+
+    tcfg = load_checkpoint(res.artifact)["train_config"]  # what the model trained (and will serve) at
+    assert (tcfg.short_side, tcfg.max_long_side) == (size, long_side_for(size))

@@ -113,3 +113,44 @@ def test_center_kernels_take_their_objectness_from_the_centre_map():
             net.center_head[-1].bias.fill_(bias)
             logits.append(net(x)["stages"][0]["logits"])
     assert torch.allclose(logits[1] - logits[0], torch.full_like(logits[0], 6.0), atol=1e-4)  # every class
+
+
+def test_locality_prior_on_a_finer_grid_is_centred_on_the_coarse_cell():
+    from models.nets.knet import LocalityPrior
+
+    prior = LocalityPrior(8, init_cells=4.0)
+    kernels, centres = torch.randn(1, 1, 8), torch.tensor([[[2.0, 3.0]]])
+    coarse, fine = prior(kernels, centres, (10, 12)), prior(kernels, centres, (20, 24), cell=2)
+    # stride-8 cell 2 is stride-4 cells 4 and 5: the bump is symmetric about 4.5, and as wide
+    assert torch.isclose(fine[0, 0, 4, 6], fine[0, 0, 5, 7]) and fine[0, 0].max() == fine[0, 0, 4, 6]
+    assert torch.isclose(coarse[0, 0, 2 + 4, 3], torch.tensor(-0.5))  # one sigma: 4 coarse cells ...
+    assert torch.isclose(fine[0, 0, 4 + 8, 6], torch.tensor(-0.5 * ((7.5 / 8) ** 2 + (0.5 / 8) ** 2)))  # ... = 8 fine
+
+
+@pytest.mark.parametrize("kernel_init", ["static", "centers"])
+def test_stride4_masks_start_as_the_stride8_ones_upsampled_and_learn_detail(kernel_init):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    kw = dict(num_classes=2, backbone_weights="none", width=32, num_kernels=6, num_stages=2, gn_groups=8,
+              kernel_init=kernel_init)
+    fine, coarse = build_knet(ModelConfig(mask_stride=4, **kw)), build_knet(ModelConfig(mask_stride=8, **kw))
+    coarse.load_state_dict({k: v for k, v in fine.state_dict().items() if not k.startswith("net.mask_p2")})
+    x = torch.randn(2, 3, 64, 96)
+    fine.eval(), coarse.eval()
+    with torch.no_grad():
+        a, b = fine.net(x), coarse.net(x)
+    assert a["stages"][0]["masks"].shape == (2, 6, 8, 12) and a["stages"][-1]["masks"].shape == (2, 6, 16, 24)
+    assert torch.equal(a["stages"][-1]["logits"], b["stages"][-1]["logits"])
+    up = F.interpolate(b["stages"][-1]["masks"], scale_factor=2, mode="bilinear", align_corners=False)
+    if kernel_init == "static":  # no prior: the dot product commutes with the (linear) upsampling
+        assert torch.allclose(a["stages"][-1]["masks"], up, atol=1e-4)
+    else:  # the prior is evaluated on the finer grid itself, not upsampled
+        assert (a["stages"][-1]["masks"] - up).abs().mean() < 0.1 * up.abs().mean()
+    # the zero-initialised detail branch gets a gradient (no ReLU to stall it at 0)
+    fine.train()
+    targets = [{"masks": (torch.rand(2, 64, 96) > 0.5).to(torch.uint8), "labels": torch.tensor([0, 1])}] * 2
+    fine.compute_losses(x, targets)["loss"].backward()
+    assert fine.net.mask_p2[1].weight.grad.abs().sum() > 0
+    dets = fine.detect(x, [(64, 96), (50, 70)])
+    assert dets[0]["masks"].shape[-2:] == (16, 24) and dets[1]["masks"].shape[-2:] == (13, 18)  # stride 4, cropped
