@@ -47,7 +47,8 @@ def _add_train_args(p: argparse.ArgumentParser, d: dict[str, Any]) -> None:
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     g.add_argument("--warmup-iters", type=int, default=d["warmup_iters"])
     g.add_argument("--grad-clip", type=float, default=d["grad_clip"])
-    g.add_argument("--image-size", type=int, default=d["image_size"], help="short side after resize")
+    g.add_argument("--image-size", type=int, default=d["image_size"],
+                   help="short side after resize (finetune: 0 = follow the data, the median object ~32 px across)")
     g.add_argument("--max-size", type=int, default=d["max_size"], help="cap on the long side after resize")
     g.add_argument("--seed", type=int, default=0)
     if "--threads" not in p._option_string_actions:

@@ -120,6 +120,7 @@ class FinetuneParams:
     one_to_many: int = 1  # kernels matched to each object before the last stage (models.nets.criterion)
     kernel_init: str = "centers"  # kernels start from predicted object centres, or "static" (models.config.ModelConfig)
     mask_stride: int = 8  # grid of the last stage's masks: 8, or 4 from FPN P2 (models.config.ModelConfig)
+    neck_conv: str = "full"  # the neck's 3x3 convs: "full" or "separable" (models.config.ModelConfig)
     backbone_weights: str = "imagenet"
     mask_threshold: float = 0.5
     rescore: bool = True  # inference: class probability x mask quality
@@ -187,7 +188,7 @@ class FinetuneParams:
                            ffn_dim=4 * self.width, max_per_image=max(100, kernels),
                            frozen_backbone_stages=self.frozen_stages, light_p2=self.light_p2, init_pool=self.init_pool,
                            init_kernel_std=self.init_kernel_std, one_to_many=self.one_to_many,
-                           kernel_init=self.kernel_init, mask_stride=self.mask_stride,
+                           kernel_init=self.kernel_init, mask_stride=self.mask_stride, neck_conv=self.neck_conv,
                            rescore=self.rescore, nms=self.nms).validate()
 
     def train_config(self, num_images: int) -> Any:

@@ -18,7 +18,8 @@ def training_fields(
     time_budget_min: Annotated[float | None, Form(ge=0, le=1440, description="training minutes (evaluations "
                                                   "included): the schedule is laid out for them; default "
                                                   "UPLVP_DEFAULT_TIME_BUDGET_MIN unless epochs are given; 0 = none")] = None,
-    image_size: Annotated[int, Form(ge=32, le=2048, description="short side after resize")] = 320,
+    image_size: Annotated[int, Form(ge=0, le=2048, description="short side after resize; 0 = follow the data "
+                                    "(the median object ~32 px across, 320..640)")] = 320,
     seed: Annotated[int, Form(ge=0)] = 0,
     batch_size: Annotated[int, Form(ge=1, le=64)] = 2,
     lr: Annotated[float, Form(gt=0, le=1)] = 4e-4,
@@ -31,6 +32,9 @@ def training_fields(
 ) -> dict[str, Any]:
     """The schedule and model shape of a training job, as models.pipeline.FinetuneParams fields
     (`time_budget_min` None = not given: the route decides from the settings)."""
+    if 0 < image_size < 32:
+        raise ApiError(400, "image_size_invalid", f"image_size={image_size} is too small: use at least 32, or 0 to "
+                       "follow the data")
     return {"epochs": epochs or 0, "time_budget_min": time_budget_min, "image_size": image_size,
             "max_size": max(image_size, round(image_size * 5 / 3)), "seed": seed, "batch_size": batch_size, "lr": lr,
             "warmup_iters": warmup_iters, "width": width, "kernels": kernels, "stages": stages,

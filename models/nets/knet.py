@@ -192,8 +192,9 @@ class KNet(nn.Module):
         self.cfg = cfg
         c, g = cfg.width, cfg.gn_groups
         self.backbone = MobileNetV2Backbone(cfg.backbone_weights == "imagenet", cfg.frozen_backbone_stages)
-        self.fpn = FPN(self.backbone.out_channels, c, cfg.light_p2)
-        self.sem_fpn = SemanticFPN(c, g)
+        sep = cfg.neck_conv == "separable"
+        self.fpn = FPN(self.backbone.out_channels, c, cfg.light_p2, sep)
+        self.sem_fpn = SemanticFPN(c, g, sep)
         self.loc_conv = conv_gn_relu(c, c, 1, g)
         self.seg_conv = conv_gn_relu(c, c, 1, g)
         self.init_kernels = nn.Conv2d(c, cfg.num_kernels, 1, bias=False)
@@ -204,7 +205,7 @@ class KNet(nn.Module):
         if cfg.kernel_init == "centers":
             # one class-agnostic map: a per-class one classifies from a single pixel, and gave the 7
             # classes of endangered_animals a class-aware AP far below its class-agnostic AP (7.6 vs 28.7 %)
-            self.center_head = nn.Sequential(conv_gn_relu(c, c, 3, g), nn.Conv2d(c, 1, 1))
+            self.center_head = nn.Sequential(conv_gn_relu(c, c, 3, g, separable=sep), nn.Conv2d(c, 1, 1))
             self.center_proj = nn.Linear(c, c)
             self.center_prior = LocalityPrior(c)
             nn.init.normal_(self.center_head[-1].weight, std=0.01)

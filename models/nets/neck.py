@@ -10,9 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv_gn_relu(cin: int, cout: int, k: int, groups: int, stride: int = 1) -> nn.Sequential:
+def conv(cin: int, cout: int, k: int, stride: int = 1, separable: bool = False, bias: bool = True) -> nn.Module:
+    """A k x k conv, or (separable, k > 1) a depthwise k x k followed by a pointwise 1 x 1: ~k^2 times
+    fewer multiply-adds at the neck's width (MobileNet's factorisation, ModelConfig.neck_conv)."""
+    if not separable or k == 1:
+        return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
+    return nn.Sequential(nn.Conv2d(cin, cin, k, stride=stride, padding=k // 2, groups=cin, bias=False),
+                         nn.Conv2d(cin, cout, 1, bias=bias))
+
+
+def conv_gn_relu(cin: int, cout: int, k: int, groups: int, stride: int = 1, separable: bool = False) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False),
+        conv(cin, cout, k, stride, separable, bias=False),
         nn.GroupNorm(groups, cout),
         nn.ReLU(inplace=True),
     )
@@ -21,16 +30,18 @@ def conv_gn_relu(cin: int, cout: int, k: int, groups: int, stride: int = 1) -> n
 class FPN(nn.Module):
     """Top-down feature pyramid: ``{"c2".."c5"}`` -> ``[P2, P3, P4, P5]``, each [B, width, H/s, W/s]."""
 
-    def __init__(self, in_channels: tuple[int, ...], width: int, light_p2: bool = False) -> None:
+    def __init__(self, in_channels: tuple[int, ...], width: int, light_p2: bool = False,
+                 separable: bool = False) -> None:
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
         # light_p2: P2 is its lateral plus the top-down path, with no 3x3 output conv at stride 4
-        self.output = nn.ModuleList(nn.Identity() if light_p2 and i == 0 else nn.Conv2d(width, width, 3, padding=1)
+        self.output = nn.ModuleList(nn.Identity() if light_p2 and i == 0 else conv(width, width, 3, separable=separable)
                                     for i in range(len(in_channels)))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, feats: "OrderedDict[str, torch.Tensor]") -> list[torch.Tensor]:
         xs = list(feats.values())
@@ -70,13 +81,13 @@ class SemanticFPN(nn.Module):
     the kernels' masks, `sem` the semantic branch.
     """
 
-    def __init__(self, width: int, groups: int) -> None:
+    def __init__(self, width: int, groups: int, separable: bool = False) -> None:
         super().__init__()
-        c = width
-        self.p2 = conv_gn_relu(c, c, 3, groups, stride=2)
-        self.p3 = conv_gn_relu(c, c, 3, groups)
-        self.p4 = nn.ModuleList([conv_gn_relu(c, c, 3, groups), conv_gn_relu(c, c, 3, groups)])
-        self.p5 = nn.ModuleList([conv_gn_relu(c, c, 3, groups) for _ in range(3)])
+        c, sep = width, separable
+        self.p2 = conv_gn_relu(c, c, 3, groups, stride=2, separable=sep)
+        self.p3 = conv_gn_relu(c, c, 3, groups, separable=sep)
+        self.p4 = nn.ModuleList([conv_gn_relu(c, c, 3, groups, separable=sep) for _ in range(2)])
+        self.p5 = nn.ModuleList([conv_gn_relu(c, c, 3, groups, separable=sep) for _ in range(3)])
         self.loc_out = conv_gn_relu(c, c, 1, groups)
         self.sem_out = conv_gn_relu(c, c, 1, groups)
         for m in self.modules():

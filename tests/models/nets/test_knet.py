@@ -154,3 +154,24 @@ def test_stride4_masks_start_as_the_stride8_ones_upsampled_and_learn_detail(kern
     assert fine.net.mask_p2[1].weight.grad.abs().sum() > 0
     dets = fine.detect(x, [(64, 96), (50, 70)])
     assert dets[0]["masks"].shape[-2:] == (16, 24) and dets[1]["masks"].shape[-2:] == (13, 18)  # stride 4, cropped
+
+
+def test_a_separable_neck_has_the_same_outputs_for_a_fraction_of_the_work():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kw = dict(num_classes=3, backbone_weights="none", width=64, num_kernels=10, num_stages=2, gn_groups=8,
+              kernel_init="centers")
+    flops, shapes = {}, {}
+    for neck in ("full", "separable"):
+        net = KNet(ModelConfig(neck_conv=neck, **kw)).eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            out = net(torch.randn(1, 3, 128, 160))
+        flops[neck] = counter.get_total_flops()
+        shapes[neck] = [tuple(s["masks"].shape) for s in out["stages"]] + [tuple(out["centers"].shape)]
+        convs = [m for m in net.sem_fpn.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert all((m.groups == m.in_channels) == (neck == "separable") for m in convs)  # depthwise 3x3 only
+    assert shapes["full"] == shapes["separable"]
+    assert flops["separable"] < 0.6 * flops["full"]
+    with pytest.raises(ConfigError, match="neck_conv"):
+        ModelConfig(neck_conv="dw").validate()

@@ -161,6 +161,12 @@ def test_time_budget_below_the_minimum_is_refused(client: Any, voc_dir: Path) ->
     assert err["message"].startswith("time_budget_min=0.5")
 
 
+def test_an_image_size_below_32_is_refused(client: Any, voc_dir: Path) -> None:
+    err = assert_error(post_finetune(client, zip_dir(voc_dir), image_size="16"), 400, "image_size_invalid",
+                       "or 0 to follow the data")
+    assert err["message"].startswith("image_size=16")
+
+
 def test_the_default_budget_applies_when_neither_epochs_nor_a_budget_is_given(client: Any, voc_dir: Path) -> None:
     from tests.service_fixtures import TINY
 
