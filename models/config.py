@@ -61,6 +61,10 @@ class ModelConfig:
     # "separable" (depthwise 3x3 + pointwise 1x1). At width 128 and 320 px the full ones are 2/3
     # of the forward multiply-adds, more than the backbone, and all of them are trained.
     neck_conv: str = "full"
+    # Class evidence from ImageNet: each stage adds to its class logits a linear read-out of the
+    # backbone's 1280-channel classifier features averaged under the kernel's mask. The kernels'
+    # own class head learns from the few labels alone, on a neck trained from scratch.
+    class_from_backbone: bool = False
 
     def validate(self) -> "ModelConfig":
         if self.arch not in ("knet", "maskrcnn"):

@@ -121,6 +121,7 @@ class FinetuneParams:
     kernel_init: str = "centers"  # kernels start from predicted object centres, or "static" (models.config.ModelConfig)
     mask_stride: int = 8  # grid of the last stage's masks: 8, or 4 from FPN P2 (models.config.ModelConfig)
     neck_conv: str = "full"  # the neck's 3x3 convs: "full" or "separable" (models.config.ModelConfig)
+    class_from_backbone: bool = False  # class logits also read ImageNet features under the mask (ModelConfig)
     backbone_weights: str = "imagenet"
     mask_threshold: float = 0.5
     rescore: bool = True  # inference: class probability x mask quality
@@ -189,6 +190,7 @@ class FinetuneParams:
                            frozen_backbone_stages=self.frozen_stages, light_p2=self.light_p2, init_pool=self.init_pool,
                            init_kernel_std=self.init_kernel_std, one_to_many=self.one_to_many,
                            kernel_init=self.kernel_init, mask_stride=self.mask_stride, neck_conv=self.neck_conv,
+                           class_from_backbone=self.class_from_backbone,
                            rescore=self.rescore, nms=self.nms).validate()
 
     def train_config(self, num_images: int) -> Any:

@@ -108,7 +108,8 @@ def load_model(path: str | Path, backbone_weights: str = "none") -> tuple[nn.Mod
 
 # Tensors whose first dimension is the class list (K-Net's semantic-seg conv and the class
 # layer of every update stage). Only these depend on the vocabulary.
-CLASS_HEAD_SUFFIXES = ("conv_seg.weight", "conv_seg.bias", "cls_head.3.weight", "cls_head.3.bias")
+CLASS_HEAD_SUFFIXES = ("conv_seg.weight", "conv_seg.bias", "cls_head.3.weight", "cls_head.3.bias",
+                       "class_probe.fc.weight", "class_probe.fc.bias")
 
 
 def is_class_head(key: str) -> bool:

@@ -25,7 +25,7 @@ class MobileNetV2Backbone(nn.Module):
 
     out_channels = OUT_CHANNELS
 
-    def __init__(self, pretrained: bool, frozen_stages: int = 1) -> None:
+    def __init__(self, pretrained: bool, frozen_stages: int = 1, classifier_features: bool = False) -> None:
         super().__init__()
         weights = None
         if pretrained:
@@ -33,10 +33,10 @@ class MobileNetV2Backbone(nn.Module):
             weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
         features = torchvision.models.mobilenet_v2(weights=weights).features
         self.stages = nn.ModuleList(nn.Sequential(*features[a:b]) for a, b in _STAGES)
-        self.frozen_stages = frozen_stages
-        for stage in self.stages[:frozen_stages]:
-            for p in stage.parameters():
-                p.requires_grad_(False)
+        # classifier_features: keep the 1x1 conv to 1280 channels that ImageNet's classifier reads
+        # (`semantic`), the most class-specific features the backbone has
+        self.head = features[18] if classifier_features else None
+        self.set_frozen(frozen_stages)
 
     def train(self, mode: bool = True) -> "MobileNetV2Backbone":
         super().train(mode)
@@ -53,12 +53,22 @@ class MobileNetV2Backbone(nn.Module):
                 out[f"c{i + 1}"] = x
         return out
 
+    def semantic(self, c5: torch.Tensor) -> torch.Tensor:
+        """C5 [B,320,h,w] -> ImageNet classifier features [B,1280,h,w] (classifier_features only)."""
+        if self.head is None:
+            raise RuntimeError("this backbone was built without classifier_features")
+        return self.head(c5)
+
     def set_frozen(self, frozen_stages: int) -> None:
-        """Freeze the first `frozen_stages` stages (5 = the whole backbone, as in pre-training)."""
+        """Freeze the first `frozen_stages` stages (5 = the whole backbone, as in pre-training; the
+        classifier head goes with the last stage)."""
         self.frozen_stages = frozen_stages
         for i, stage in enumerate(self.stages):
             for p in stage.parameters():
                 p.requires_grad_(i >= frozen_stages)
+        if self.head is not None:
+            for p in self.head.parameters():
+                p.requires_grad_(frozen_stages < len(self.stages))
 
 
 def fuse_conv_bn(module: nn.Module) -> nn.Module:

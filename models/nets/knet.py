@@ -118,6 +118,29 @@ class LocalityPrior(nn.Module):
         return -0.5 * (dy.pow(2)[..., :, None] + dx.pow(2)[..., None, :])
 
 
+class ClassProbe(nn.Module):
+    """Class logits from ImageNet classifier features under each mask (ModelConfig.class_from_backbone).
+
+    features [B,D,h',w'] (stride 32), masks [B,N,h,w] logits (stride 8 or 4) -> [B,N,K]: the
+    features averaged with the mask's probabilities (detached: the read-out must not reshape
+    the masks to suit the class), layer-normed, then linear. The linear layer starts at zero, so
+    the kernels' own class head decides until the probe has learnt something.
+    """
+
+    def __init__(self, d: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, num_classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        weight = F.adaptive_avg_pool2d(masks.detach().sigmoid(), features.shape[-2:])  # [B,N,h',w']
+        pooled = torch.einsum("bnhw,bdhw->bnd", weight, features)
+        pooled = pooled / weight.flatten(2).sum(-1, keepdim=True).clamp(min=1e-4)
+        return self.fc(self.norm(pooled))
+
+
 def _head(c: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(c, c, bias=False), nn.LayerNorm(c), nn.ReLU(inplace=True), nn.Linear(c, out))
 
@@ -191,7 +214,8 @@ class KNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         c, g = cfg.width, cfg.gn_groups
-        self.backbone = MobileNetV2Backbone(cfg.backbone_weights == "imagenet", cfg.frozen_backbone_stages)
+        self.backbone = MobileNetV2Backbone(cfg.backbone_weights == "imagenet", cfg.frozen_backbone_stages,
+                                            classifier_features=cfg.class_from_backbone)
         sep = cfg.neck_conv == "separable"
         self.fpn = FPN(self.backbone.out_channels, c, cfg.light_p2, sep)
         self.sem_fpn = SemanticFPN(c, g, sep)
@@ -217,13 +241,18 @@ class KNet(nn.Module):
             # upsampled and learn the detail from there; no ReLU, so that zero start still learns.
             self.mask_p2 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.GroupNorm(g, c))
             nn.init.zeros_(self.mask_p2[1].weight)
+        if cfg.class_from_backbone:
+            self.class_probe = ClassProbe(1280, cfg.num_classes)
         self.stages = nn.ModuleList(KernelUpdateStage(cfg) for _ in range(cfg.num_stages))
 
-    def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Returns (FPN levels P2..P5, loc [B,C,h,w], sem [B,C,h,w])."""
-        pyramid = self.fpn(self.backbone(images))
+    def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (FPN levels P2..P5, loc [B,C,h,w], sem [B,C,h,w], and with class_from_backbone
+        the backbone's ImageNet classifier features [B,1280,H/32,W/32], else None)."""
+        feats = self.backbone(images)
+        imagenet = self.backbone.semantic(feats["c5"]) if self.cfg.class_from_backbone else None
+        pyramid = self.fpn(feats)
         loc, sem = self.sem_fpn(pyramid)
-        return pyramid, self.loc_conv(loc), self.seg_conv(sem)
+        return pyramid, self.loc_conv(loc), self.seg_conv(sem), imagenet
 
     def centre_kernels(self, loc: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """kernel_init "centers": each kernel starts as the feature at one predicted object centre
@@ -241,7 +270,7 @@ class KNet(nn.Module):
         return first, init_masks, centres, _at_cells(centers, idx), centers
 
     def forward(self, images: torch.Tensor, kernel_prompts: PromptSource = None) -> KNetOutputs:
-        pyramid, loc, sem = self.features(images)
+        pyramid, loc, sem, imagenet = self.features(images)
         out: KNetOutputs = {}
         weight = self.init_kernels.weight.flatten(1)  # [N,C]
         if self.cfg.kernel_init == "centers":
@@ -262,6 +291,8 @@ class KNet(nn.Module):
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
             kernels, masks, logits = stage(x, kernels, masks, centres, centre_logits, fine if last else None)
+            if imagenet is not None:
+                logits = logits + self.class_probe(imagenet, masks)
             stages.append({"masks": masks, "logits": logits})
         out.update(init_masks=init_masks, sem_seg=sem_seg, stages=stages)
         return out

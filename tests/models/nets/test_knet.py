@@ -175,3 +175,36 @@ def test_a_separable_neck_has_the_same_outputs_for_a_fraction_of_the_work():
     assert flops["separable"] < 0.6 * flops["full"]
     with pytest.raises(ConfigError, match="neck_conv"):
         ModelConfig(neck_conv="dw").validate()
+
+
+def test_class_probe_reads_the_features_under_each_mask():
+    from models.nets.knet import ClassProbe
+
+    probe = ClassProbe(4, 2)
+    feats = torch.zeros(1, 4, 4, 4)
+    feats[0, 0, :, :2], feats[0, 1, :, 2:] = 1.0, 1.0  # left half "class 0" features, right half "class 1"
+    masks = torch.full((1, 2, 16, 16), -20.0)  # stride 8 vs the features' stride 32: 4x finer
+    masks[0, 0, :, :8], masks[0, 1, :, 8:] = 20.0, 20.0  # kernel 0 on the left, kernel 1 on the right
+    assert torch.equal(probe(feats, masks), torch.zeros(1, 2, 2))  # starts with no say
+    with torch.no_grad():
+        probe.fc.weight.copy_(torch.eye(2, 4))
+    out = probe(feats, masks)
+    assert out[0, 0, 0] > out[0, 0, 1] and out[0, 1, 1] > out[0, 1, 0]
+
+
+def test_class_from_backbone_adds_imagenet_class_evidence_that_trains_the_backbone_head():
+    torch.manual_seed(0)
+    kw = dict(num_classes=3, backbone_weights="none", width=32, num_kernels=6, num_stages=2, gn_groups=8,
+              kernel_init="centers", frozen_backbone_stages=3)
+    model, plain = build_knet(ModelConfig(class_from_backbone=True, **kw)), build_knet(ModelConfig(**kw))
+    missing = plain.load_state_dict(model.state_dict(), strict=False).unexpected_keys
+    assert missing and all(k.startswith(("net.class_probe.", "net.backbone.head.")) for k in missing)
+    x = torch.randn(2, 3, 64, 96)
+    model.eval(), plain.eval()
+    with torch.no_grad():  # the probe's read-out starts at zero: the same answer as without it
+        assert torch.allclose(model.net(x)["stages"][-1]["logits"], plain.net(x)["stages"][-1]["logits"])
+    model.train()
+    targets = [{"masks": (torch.rand(2, 64, 96) > 0.5).to(torch.uint8), "labels": torch.tensor([0, 2])}] * 2
+    model.compute_losses(x, targets)["loss"].backward()
+    assert model.net.class_probe.fc.weight.grad.abs().sum() > 0
+    assert model.net.backbone.head[0].weight.requires_grad  # trained with the unfrozen stages
