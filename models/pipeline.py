@@ -120,8 +120,8 @@ class FinetuneParams:
     one_to_many: int = 1  # kernels matched to each object before the last stage (models.nets.criterion)
     kernel_init: str = "centers"  # kernels start from predicted object centres, or "static" (models.config.ModelConfig)
     mask_stride: int = 8  # grid of the last stage's masks: 8, or 4 from FPN P2 (models.config.ModelConfig)
-    neck_conv: str = "full"  # the neck's 3x3 convs: "full" or "separable" (models.config.ModelConfig)
-    class_from_backbone: bool = False  # class logits also read ImageNet features under the mask (ModelConfig)
+    neck_conv: str = "separable"  # the neck's 3x3 convs: "separable" or "full" (models.config.ModelConfig)
+    class_from_backbone: bool = True  # class logits also read ImageNet features under the mask (ModelConfig)
     backbone_weights: str = "imagenet"
     mask_threshold: float = 0.5
     rescore: bool = True  # inference: class probability x mask quality
