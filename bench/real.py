@@ -142,10 +142,14 @@ def run_torch_arm(arm: str, files: dict[str, Path], budget_min: float, seed: int
     overrides.update(json.loads(os.environ.get("UPLVP_BENCH_OVERRIDES", "{}")))  # ablations (bench --set)
     if arm == "knet_old":  # 50 kernels, or as many as the fullest image needs where 50 cannot hold it
         overrides["kernels"] = max(50, max_gt_per_image(load_json(files["train"])))
-    params = FinetuneParams(time_budget_min=budget_min, seed=seed, threads=THREADS, val_fraction=0.0, **overrides)
     from models.data.coco import CocoAnnotations
 
-    categories = CocoAnnotations(files["train"], files["images"]).categories.to_coco()
+    train_ann = CocoAnnotations(files["train"], files["images"])
+    # resolved here as run_finetune resolves it (image_size 0 follows the data), so that the snapshots
+    # below record the size the model trained at
+    params = FinetuneParams(time_budget_min=budget_min, seed=seed, threads=THREADS, val_fraction=0.0,
+                            **overrides).for_data(train_ann)
+    categories = train_ann.categories.to_coco()
     snaps: list[dict[str, Any]] = []
     snap_dir = out / "snapshots"
 

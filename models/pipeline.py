@@ -121,7 +121,9 @@ class FinetuneParams:
     kernel_init: str = "centers"  # kernels start from predicted object centres, or "static" (models.config.ModelConfig)
     mask_stride: int = 8  # grid of the last stage's masks: 8, or 4 from FPN P2 (models.config.ModelConfig)
     neck_conv: str = "separable"  # the neck's 3x3 convs: "separable" or "full" (models.config.ModelConfig)
-    class_from_backbone: bool = True  # class logits also read ImageNet features under the mask (ModelConfig)
+    # class logits also read ImageNet features under the mask (models.config.ModelConfig); None: when the
+    # dataset has several classes (endangered_animals val AP 12.9 -> 46.1; one class, balloon: 31.7 -> 27.0)
+    class_from_backbone: bool | None = None
     backbone_weights: str = "imagenet"
     mask_threshold: float = 0.5
     rescore: bool = True  # inference: class probability x mask quality
@@ -190,7 +192,8 @@ class FinetuneParams:
                            frozen_backbone_stages=self.frozen_stages, light_p2=self.light_p2, init_pool=self.init_pool,
                            init_kernel_std=self.init_kernel_std, one_to_many=self.one_to_many,
                            kernel_init=self.kernel_init, mask_stride=self.mask_stride, neck_conv=self.neck_conv,
-                           class_from_backbone=self.class_from_backbone,
+                           class_from_backbone=(num_classes > 1 if self.class_from_backbone is None
+                                                else self.class_from_backbone),
                            rescore=self.rescore, nms=self.nms).validate()
 
     def train_config(self, num_images: int) -> Any:

@@ -194,7 +194,8 @@ def train(
         evals_done = sum("AP" in e for e in state.history)
         evals_left = max(1, cfg.evaluations - evals_done)
         for _ in range(2):
-            steps = plan_steps(cfg, step_s, eval_s, steps_per_epoch, time.perf_counter() - run_t0, state.step,
+            # capped by the epochs asked for, not by the previous plan's (a re-plan may grow)
+            steps = plan_steps(epoch_cap, step_s, eval_s, steps_per_epoch, time.perf_counter() - run_t0, state.step,
                                evals_left)
             epochs = math.ceil(steps / steps_per_epoch)
             every = max(1, round(epochs / cfg.evaluations))
@@ -207,6 +208,13 @@ def train(
             hooks.on_plan({"epochs": cfg.epochs, "steps": cfg.max_steps, "steps_per_epoch": steps_per_epoch,
                            "time_budget_s": cfg.time_budget_s})
 
+    epoch_cap = cfg  # the config before any plan: its `epochs` is the user's cap
+
+    def before_decay() -> bool:
+        """Whether a re-plan can still move the lr decay: the plan exists and its first decay is ahead."""
+        return bool(cfg.max_steps) and state.step < cfg.max_steps * min(cfg.lr_steps, default=1.0)
+
+    eval_s = 0.0  # an evaluation's cost in the plan: estimated from the first steps, then measured
     step_times: list[float] = []  # wall time of each step, its batch's loading included
     last_end: float | None = None
     announce()
@@ -249,10 +257,17 @@ def train(
             last_end = end
             if budgeted and len(step_times) == PROBE_STEPS:
                 step_s = float(np.median(step_times[1:]))
-                # evaluation ~ a forward per val image, about a third of a training step per image
+                # evaluation ~ a forward per val image, about a third of a training step per image,
+                # until the first one is timed
                 eval_s = 0.4 * step_s / cfg.batch_size * eval_images if evaluate is not None else 0.0
                 lay_out(step_s, eval_s)
                 bar.total = min(len(loader), cfg.max_steps)
+            elif budgeted and len(step_times) % PROBE_STEPS == 0 and before_decay():
+                # re-plan every few steps from the latest ones while the lr is still flat: the first
+                # steps can be slow for reasons that pass (images decoded for the first time, another
+                # job on the same cores), and a plan made from them alone once ended a 10-minute run
+                # after 4 minutes, before any evaluation could correct it
+                lay_out(float(np.median(step_times[-PROBE_STEPS:])), eval_s)
             if cfg.max_steps and state.step >= cfg.max_steps:
                 break
             if cfg.time_budget_s and time.perf_counter() - run_t0 >= cfg.time_budget_s:
@@ -291,12 +306,11 @@ def train(
                 patience_left -= 1
                 if patience_left <= 0:
                     state.stopped = "early_stop"
-            if budgeted and cfg.max_steps and state.step < 0.6 * cfg.max_steps * min(cfg.lr_steps, default=1.0):
-                # re-plan with the measured costs while the lr is still flat: the first steps are
-                # slow (images decoded for the first time, cold caches) and evaluations cost what
-                # they cost; recent steps are the best guess of the ones to come
-                recent = step_times[-3 * steps_per_epoch:] if len(step_times) > 1 else [elapsed / steps]
-                lay_out(float(np.median(recent)), float(entry["eval_time_s"]))
+            if budgeted:
+                eval_s = float(entry["eval_time_s"])  # evaluations cost what they cost
+                if before_decay():
+                    recent = step_times[-PROBE_STEPS:] if len(step_times) > 1 else [elapsed / steps]
+                    lay_out(float(np.median(recent)), eval_s)
         if over_budget and not finished():
             state.stopped = "time_budget"
         state.history.append(entry)

@@ -140,3 +140,9 @@ def test_image_size_zero_is_resolved_from_the_training_set(voc4: tuple[Path, Pat
 
     tcfg = load_checkpoint(res.artifact)["train_config"]  # what the model trained (and will serve) at
     assert (tcfg.short_side, tcfg.max_long_side) == (size, long_side_for(size))
+
+
+def test_imagenet_class_evidence_is_on_where_there_are_classes_to_tell_apart():
+    assert FinetuneParams().model_config(num_classes=7).class_from_backbone
+    assert not FinetuneParams().model_config(num_classes=1).class_from_backbone
+    assert FinetuneParams(class_from_backbone=True).model_config(num_classes=1).class_from_backbone

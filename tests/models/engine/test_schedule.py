@@ -68,6 +68,29 @@ def test_budgeted_run_ends_within_its_budget_and_keeps_its_plan(voc, tmp_path):
     assert ckpt["train_config"].max_steps == state.config.max_steps  # the plan travels with the checkpoint
 
 
+def test_a_plan_made_from_slow_first_steps_grows_once_the_steps_get_faster(voc):
+    # the first 8 steps take 0.4 s more (think: another job on the same cores), the rest run at the model's
+    # speed; a plan made from the first steps alone would end the run long before its budget
+    model, ds, mcfg, tcfg = _setup(voc, epochs=10_000, time_budget_s=12.0)
+    calls = []
+
+    def step_fn(m, b):
+        calls.append(1)
+        if len(calls) <= 8:
+            time.sleep(0.4)
+        return m.compute_losses(b.images, b.targets)
+
+    plans = []
+    t0 = time.perf_counter()
+    state = train(model, ds, mcfg, tcfg, voc.categories.to_coco(), hooks=TrainHooks(progress=False, on_plan=plans.append),
+                  step_fn=step_fn)
+    took = time.perf_counter() - t0
+    first = plans[1]["steps"]  # plans[0] is the announcement before any step was timed
+    assert first < 12.0 / 0.4  # made from the slow steps
+    assert state.config.max_steps > 2 * first and state.step > 2 * first
+    assert 12.0 * 0.6 < took < 12.0 * 1.25 + 3  # it used its budget, and kept to it
+
+
 def test_resumed_budgeted_run_continues_its_plan(voc, tmp_path):
     # a budget far longer than the test: both runs are cancelled, so the plan (made after the first
     # timed steps) cannot be used up, however slow or loaded the machine is
