@@ -291,6 +291,13 @@ def collect() -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(WORK.glob("*/result.json"))]
 
 
+def overrides_of(run: dict[str, Any]) -> str:
+    """A knet run's settings beyond its commit's defaults (knet_old and maskrcnn rows set theirs by design)."""
+    if run["arm"] != "knet":
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in run.get("params", {}).items() if k not in ("time_budget_min", "seed"))
+
+
 def pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
@@ -316,9 +323,10 @@ def report(runs: list[dict[str, Any]]) -> None:
     if runs:
         m = runs[-1]["machine"]
         lines += [f"Machine: {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch']} on "
-                  f"{THREADS} threads; each row names the commit its runs were made at.", ""]
-    lines += ["| dataset | L | arm | seeds | budget (min) | mask AP | AP50 | AP75 | train img/s | commit |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"{THREADS} threads; each row names the commit its runs were made at, and under `set` what a K-Net "
+                  "run set on top of that commit's defaults (UPLVP_BENCH_OVERRIDES).", ""]
+    lines += ["| dataset | L | arm | seeds | budget (min) | mask AP | AP50 | AP75 | train img/s | commit | set |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, size), arms in sorted(groups.items()):
         for arm in ARMS:
             rs = arms.get(arm)
@@ -328,7 +336,7 @@ def report(runs: list[dict[str, Any]]) -> None:
             cells = [mean_spread([r["test"]["segm"][k] for r in rs]) for k in ("AP", "AP50", "AP75")]
             lines.append(f"| {ds} | {size} | {arm} | {len(rs)} | {rs[0]['budget_min']:g} | {' | '.join(cells)} | "
                          f"{f'{statistics.median(ips):.2f}' if ips else '–'} | "
-                         f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} |")
+                         f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} | {overrides_of(rs[0])} |")
     lines += ["", "Per category (test mask AP %, first seed):", ""]
     for (ds, size), arms in sorted(groups.items()):
         for arm in ARMS:

@@ -92,8 +92,8 @@ class FinetuneParams:
     arch: str = "knet"  # knet | maskrcnn (the CNN reference, same backbone and loop)
     epochs: int = 0  # 0: from the budget, or from the dataset's size
     time_budget_min: float = 0.0  # 0: no budget
-    image_size: int = 320  # short side after resize (0: follows the data, image_size_for)
-    max_size: int = 533  # cap on the long side (with image_size 0: long_side_for the size chosen)
+    image_size: int = 0  # short side after resize; 0 follows the data (image_size_for): 320 unless objects are small
+    max_size: int = 0  # cap on the long side; 0 (or any, with image_size 0): long_side_for the short side
     batch_size: int = 2
     lr: float = 4e-4
     weight_decay: float = 0.05
@@ -153,27 +153,30 @@ class FinetuneParams:
         if self.time_budget_min and self.time_budget_min < MIN_TIME_BUDGET_MIN:
             raise ConfigError(f"time_budget_min must be at least {MIN_TIME_BUDGET_MIN} (minutes: a few steps and "
                               f"one evaluation), got {self.time_budget_min}")
-        if self.image_size < 0:
+        if self.image_size < 0 or self.max_size < 0:
             raise ConfigError(f"image_size must be >= 32 (or 0: follow the data), got {self.image_size}")
-        (dataclasses.replace(self, image_size=AUTO_SIZE_MIN, max_size=long_side_for(AUTO_SIZE_MIN))
-         if self.image_size == 0 else self).train_config(100).validate()
+        size = self.image_size or AUTO_SIZE_MIN
+        dataclasses.replace(self, image_size=size, max_size=self.max_size or long_side_for(size)).train_config(100).validate()
         return self
 
     def for_data(self, annotations: Any) -> FinetuneParams:
         """These parameters with what follows the data resolved: image_size 0 becomes image_size_for
-        the training annotations (and max_size its long_side_for)."""
-        if self.image_size:
+        the training annotations, and max_size 0 (or any, with image_size 0) its long_side_for."""
+        if self.image_size and self.max_size:
             return self
-        size = image_size_for(annotations)
-        return dataclasses.replace(self, image_size=size, max_size=long_side_for(size))
+        size = self.image_size or image_size_for(annotations)
+        return dataclasses.replace(self, image_size=size,
+                                   max_size=self.max_size if self.image_size and self.max_size else long_side_for(size))
 
     def pretrain_config(self) -> Any:
-        """The TrainConfig of the UPLVP pre-training (the reference's gradient clip of 1.0)."""
+        """The TrainConfig of the UPLVP pre-training (the reference's gradient clip of 1.0). Unlabeled
+        images have no objects to size the images by: image_size 0 is AUTO_SIZE_MIN there."""
         from models.config import TrainConfig
 
+        size = self.image_size or AUTO_SIZE_MIN
         return TrainConfig(epochs=self.pretrain_epochs or self.epochs or 12, batch_size=self.batch_size, lr=self.lr,
-                           warmup_iters=self.warmup_iters, seed=self.seed, short_side=self.image_size,
-                           max_long_side=self.max_size, num_threads=self.threads, grad_clip=1.0)
+                           warmup_iters=self.warmup_iters, seed=self.seed, short_side=size,
+                           max_long_side=self.max_size or long_side_for(size), num_threads=self.threads, grad_clip=1.0)
 
     def model_config(self, num_classes: int, max_instances: int = 0) -> Any:
         """The ModelConfig these parameters describe for a dataset with `num_classes` classes and at most

@@ -19,7 +19,7 @@ def training_fields(
                                                   "included): the schedule is laid out for them; default "
                                                   "UPLVP_DEFAULT_TIME_BUDGET_MIN unless epochs are given; 0 = none")] = None,
     image_size: Annotated[int, Form(ge=0, le=2048, description="short side after resize; 0 = follow the data "
-                                    "(the median object ~32 px across, 320..640)")] = 320,
+                                    "(the median object ~32 px across, 320..640)")] = 0,
     seed: Annotated[int, Form(ge=0)] = 0,
     batch_size: Annotated[int, Form(ge=1, le=64)] = 2,
     lr: Annotated[float, Form(gt=0, le=1)] = 4e-4,
