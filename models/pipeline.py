@@ -154,29 +154,32 @@ class FinetuneParams:
             raise ConfigError(f"time_budget_min must be at least {MIN_TIME_BUDGET_MIN} (minutes: a few steps and "
                               f"one evaluation), got {self.time_budget_min}")
         if self.image_size < 0 or self.max_size < 0:
-            raise ConfigError(f"image_size must be >= 32 (or 0: follow the data), got {self.image_size}")
-        size = self.image_size or AUTO_SIZE_MIN
-        dataclasses.replace(self, image_size=size, max_size=self.max_size or long_side_for(size)).train_config(100).validate()
+            raise ConfigError(f"image_size and max_size must be >= 32 (or 0: follow the data), got "
+                              f"{self.image_size}, {self.max_size}")
+        self.with_size(self.image_size or AUTO_SIZE_MIN).train_config(100).validate()
         return self
+
+    def with_size(self, short_side: int) -> FinetuneParams:
+        """These parameters at `short_side`: max_size stays where both sizes were given, else it is
+        long_side_for(short_side) (max_size 0, or image_size 0: the size follows the data)."""
+        keep = bool(self.image_size and self.max_size)
+        return dataclasses.replace(self, image_size=short_side,
+                                   max_size=self.max_size if keep else long_side_for(short_side))
 
     def for_data(self, annotations: Any) -> FinetuneParams:
         """These parameters with what follows the data resolved: image_size 0 becomes image_size_for
-        the training annotations, and max_size 0 (or any, with image_size 0) its long_side_for."""
-        if self.image_size and self.max_size:
-            return self
-        size = self.image_size or image_size_for(annotations)
-        return dataclasses.replace(self, image_size=size,
-                                   max_size=self.max_size if self.image_size and self.max_size else long_side_for(size))
+        the training annotations (see with_size for max_size)."""
+        return self.with_size(self.image_size or image_size_for(annotations))
 
     def pretrain_config(self) -> Any:
         """The TrainConfig of the UPLVP pre-training (the reference's gradient clip of 1.0). Unlabeled
         images have no objects to size the images by: image_size 0 is AUTO_SIZE_MIN there."""
         from models.config import TrainConfig
 
-        size = self.image_size or AUTO_SIZE_MIN
+        sized = self.with_size(self.image_size or AUTO_SIZE_MIN)
         return TrainConfig(epochs=self.pretrain_epochs or self.epochs or 12, batch_size=self.batch_size, lr=self.lr,
-                           warmup_iters=self.warmup_iters, seed=self.seed, short_side=size,
-                           max_long_side=self.max_size or long_side_for(size), num_threads=self.threads, grad_clip=1.0)
+                           warmup_iters=self.warmup_iters, seed=self.seed, short_side=sized.image_size,
+                           max_long_side=sized.max_size, num_threads=self.threads, grad_clip=1.0)
 
     def model_config(self, num_classes: int, max_instances: int = 0) -> Any:
         """The ModelConfig these parameters describe for a dataset with `num_classes` classes and at most

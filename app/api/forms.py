@@ -31,12 +31,13 @@ def training_fields(
     backbone: Annotated[Literal["imagenet", "none"], Form(description="advanced: 'none' = random init (tests)")] = "imagenet",
 ) -> dict[str, Any]:
     """The schedule and model shape of a training job, as models.pipeline.FinetuneParams fields
-    (`time_budget_min` None = not given: the route decides from the settings)."""
+    (`time_budget_min` None = not given: the route decides from the settings; max_size 0: the engine
+    derives the long side from the short one, models.pipeline.long_side_for)."""
     if 0 < image_size < 32:
         raise ApiError(400, "image_size_invalid", f"image_size={image_size} is too small: use at least 32, or 0 to "
                        "follow the data")
     return {"epochs": epochs or 0, "time_budget_min": time_budget_min, "image_size": image_size,
-            "max_size": max(image_size, round(image_size * 5 / 3)), "seed": seed, "batch_size": batch_size, "lr": lr,
+            "max_size": 0, "seed": seed, "batch_size": batch_size, "lr": lr,
             "warmup_iters": warmup_iters, "width": width, "kernels": kernels, "stages": stages,
             "backbone_weights": backbone}
 
