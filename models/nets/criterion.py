@@ -2,7 +2,7 @@
 
 Losses are computed at stride 4: stride-8 predictions are upsampled x2 (stride-4 ones, the last
 stage's with ModelConfig.mask_stride 4, are used as they are), targets are resized (anti-aliased,
-kept soft) to the same grid.
+kept soft) to the same grid. The mask losses upsample only the matched kernels' masks.
 
 Initial kernels: BCE 1, dice 4 on matched masks + semantic focal 1 (+ centre focal 1 when the
 kernels start from predicted object centres, ModelConfig.kernel_init "centers").
@@ -107,10 +107,15 @@ def center_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def _gather(masks: torch.Tensor, targets: list[dict], assign: list[Assignment]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Matched predictions and targets across the batch: ([P,H,W], [P,H,W])."""
-    preds = [masks[b, k] for b, (k, _) in enumerate(assign)]
-    tgts = [targets[b]["masks"][g] for b, (_, g) in enumerate(assign)]
-    return torch.cat(preds), torch.cat(tgts)
+    """Matched predictions and targets across the batch: ([P,H,W], [P,H,W]) at the targets' stride 4.
+
+    masks [B,N,h,w] at stride 8 (or 4): only the P matched ones are upsampled. Bilinear
+    upsampling acts on each mask alone, so this is the loss of upsampling all N and then
+    picking, without the forward and backward of the N - P masks no loss reads.
+    """
+    preds = torch.cat([masks[b, k] for b, (k, _) in enumerate(assign)])
+    tgts = torch.cat([targets[b]["masks"][g] for b, (_, g) in enumerate(assign)])
+    return at_stride4(preds[None], tuple(tgts.shape[-2:]))[0], tgts
 
 
 class SetCriterion(nn.Module):
@@ -176,11 +181,15 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """outputs: KNet outputs (stride-8 logits); targets[b]: {"masks": uint8 [G,Hp,Wp], "labels": [G]}."""
-        init_masks = upsample2(outputs["init_masks"])
-        soft = resize_targets(targets, tuple(init_masks.shape[-2:]))
+        init_masks = outputs["init_masks"]
+        size = (2 * init_masks.shape[-2], 2 * init_masks.shape[-1])  # stride 4
+        soft = resize_targets(targets, size)
         losses: dict[str, torch.Tensor] = {}
 
-        assign = self.matcher(init_masks.detach(), None, soft, self.one_to_many)
+        # The matcher sees every kernel's mask at stride 4 (detached: no backward through it);
+        # the mask losses upsample only the matched ones (_gather).
+        init_up = upsample2(init_masks.detach())
+        assign = self.matcher(init_up, None, soft, self.one_to_many)
         num_pos = sum(len(k) for k, _ in assign)
         losses["init_bce"] = self.loss_fns["bce"](init_masks, soft, assign, num_pos)
         losses["init_dice"] = self.loss_fns["dice"](init_masks, soft, assign, num_pos)
@@ -190,16 +199,16 @@ class SetCriterion(nn.Module):
 
         # Stage s is assigned with stage s-1's (detached) predictions; stage 0 with the
         # initial kernels' masks and no class scores (K-Net, post_assign=False).
-        prev_masks, prev_logits = init_masks.detach(), None
+        prev_masks, prev_logits = init_up, None
         for i, stage in enumerate(outputs["stages"]):
-            masks = at_stride4(stage["masks"], tuple(init_masks.shape[-2:]))
+            masks = stage["masks"]  # stride 8, or 4 for the last stage with mask_stride 4
             last = i == len(outputs["stages"]) - 1
             assign = self.matcher(prev_masks, prev_logits, soft, 1 if last else self.one_to_many)
             num_pos = sum(len(k) for k, _ in assign)
             losses[f"s{i}_cls"] = self.loss_fns["cls"](stage["logits"], soft, assign, num_pos)
             losses[f"s{i}_bce"] = self.loss_fns["bce"](masks, soft, assign, num_pos)
             losses[f"s{i}_dice"] = self.loss_fns["dice"](masks, soft, assign, num_pos)
-            prev_masks, prev_logits = masks.detach(), stage["logits"].detach()
+            prev_masks, prev_logits = at_stride4(masks.detach(), size), stage["logits"].detach()
         return losses
 
     def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

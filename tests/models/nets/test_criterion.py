@@ -57,6 +57,33 @@ def test_loss_names_finite_and_differentiable():
     assert outs["init_masks"].grad.abs().sum() > 0
 
 
+def test_mask_losses_upsample_only_the_matched_masks_and_equal_upsampling_all():
+    """_gather upsamples the P matched masks; the reference upsamples all N and then picks: the same
+    losses and the same gradients (bilinear upsampling acts on each mask alone)."""
+    from models.nets.criterion import resize_targets, upsample2
+
+    torch.manual_seed(0)
+    crit = build_criterion(3)
+    outs, tg = _outputs(n=8), _targets(g=3)
+    losses = crit(outs, tg)
+    soft = resize_targets(tg, (16, 16))
+    ref = {}
+    for name, masks in (("init", outs["init_masks"]), ("s1", outs["stages"][1]["masks"])):
+        up = upsample2(masks)
+        prev = upsample2(outs["init_masks"] if name == "init" else outs["stages"][0]["masks"]).detach()
+        logits = None if name == "init" else outs["stages"][0]["logits"].detach()
+        assign = crit.matcher(prev, logits, soft, 1)
+        pred = torch.cat([up[b, k] for b, (k, _) in enumerate(assign)])
+        tgt = torch.cat([soft[b]["masks"][g] for b, (_, g) in enumerate(assign)])
+        ref[f"{name}_bce"] = F.binary_cross_entropy_with_logits(pred, tgt)
+        ref[f"{name}_dice"] = dice_loss(pred, tgt)
+    for name, value in ref.items():
+        assert torch.allclose(losses[name], value, atol=1e-6), name
+    got = torch.autograd.grad(losses["s1_bce"] + losses["s1_dice"], outs["stages"][1]["masks"])[0]
+    want = torch.autograd.grad(ref["s1_bce"] + ref["s1_dice"], outs["stages"][1]["masks"])[0]
+    assert torch.allclose(got, want, atol=1e-7) and got.abs().sum() > 0
+
+
 def test_total_applies_weights_by_name():
     crit = build_criterion(3)
     one = torch.tensor(1.0)
