@@ -325,8 +325,12 @@ def report(runs: list[dict[str, Any]]) -> None:
         lines += [f"Machine: {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch']} on "
                   f"{THREADS} threads; each row names the commit its runs were made at, and under `set` what a K-Net "
                   "run set on top of that commit's defaults (UPLVP_BENCH_OVERRIDES).", ""]
-    lines += ["| dataset | L | arm | seeds | budget (min) | mask AP | AP50 | AP75 | train img/s | commit | set |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["Columns: test mask AP / AP50 / AP75; `val AP` is the selected checkpoint's AP on the selection split "
+              "(never test); `maxDets` is the detections per image COCOeval counted on test (COCO's 100, raised to "
+              "the densest test image's instance count).", "",
+              "| dataset | L | arm | seeds | budget (min) | mask AP | AP50 | AP75 | val AP | maxDets | train img/s | commit "
+              "| set |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, size), arms in sorted(groups.items()):
         for arm in ARMS:
             rs = arms.get(arm)
@@ -334,6 +338,9 @@ def report(runs: list[dict[str, Any]]) -> None:
                 continue
             ips = [r["images_per_s"] for r in rs if r.get("images_per_s")]
             cells = [mean_spread([r["test"]["segm"][k] for r in rs]) for k in ("AP", "AP50", "AP75")]
+            vals = [r["val"]["AP"] for r in rs if (r.get("val") or {}).get("AP") is not None]
+            cells.append(mean_spread(vals) if len(vals) == len(rs) else "–")
+            cells.append(str(rs[0]["test"].get("max_dets", "–")))
             lines.append(f"| {ds} | {size} | {arm} | {len(rs)} | {rs[0]['budget_min']:g} | {' | '.join(cells)} | "
                          f"{f'{statistics.median(ips):.2f}' if ips else '–'} | "
                          f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} | {overrides_of(rs[0])} |")
