@@ -34,7 +34,7 @@ from app.storage import ArtifactStore, LocalStore, build_store
 P = "uplvp:"
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
-STAGES = ("validating", "proposing", "pretraining", "finetuning", "evaluating")
+STAGES = ("validating", "teaching", "proposing", "pretraining", "finetuning", "evaluating")
 _JSON_FIELDS = ("params", "losses", "error", "result", "dataset", "output")
 JOB_KINDS = ("finetune", "pretrain", "segment")
 

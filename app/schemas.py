@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobStage = Literal["validating", "proposing", "pretraining", "finetuning", "evaluating", "segmenting"]
+JobStage = Literal["validating", "teaching", "proposing", "pretraining", "finetuning", "evaluating", "segmenting"]
 JobKind = Literal["finetune", "pretrain", "segment"]
 
 

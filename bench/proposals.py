@@ -1,22 +1,27 @@
 """Masks Proposal benchmark: how good are the pseudo masks, scored against real annotations?
 
-On ../shared/data/coco128 (labels used only for scoring) with the 80 COCO names as the
-vocabulary, for the offline engine and two language-free baselines (grid boxes, saliency
-components):
+On COCO (coco128, coco_mini_train; the 80 COCO names as the vocabulary) and on the pools of the
+real low-data datasets (../shared/data/lowdata: a seeded sample of their train + val images, the
+dataset's own class names as the vocabulary), labels used only for scoring, for every engine:
   - class-agnostic mask recall at IoU 0.5 with K = 10 and 20 masks per image (also per COCO size);
   - pseudo-mask AP (COCOeval segm) with categories, and class-agnostic;
   - category accuracy of the top-10 proposals that match a ground-truth instance (IoU >= 0.5);
   - images per second on 2 threads (image decoding included, model loading not) and peak RSS.
 Each engine runs in its own process (through `uplvp propose`'s code path) so its peak RSS is its own.
+An engine is a name, optionally with settings of its config after a colon (an ablation):
+`maskcut:ncut_tau=0.3,ncut_features=final`.
 
     python bench/proposals.py                      # all engines on coco128
     python bench/proposals.py --dataset coco_mini_train --engines offline   # the set defaults were chosen on
+    python bench/proposals.py --dataset lowdata --engines offline,maskcut,saliency,grid   # the six dev pools
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 import subprocess
 import sys
 import time
@@ -26,28 +31,91 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, ROOT, machine, peak_rss_mb, require_data  # noqa: E402
 
-DATASETS = {
+COCO = {
     "coco128": ("coco128/annotations/instances_val2017.json", "coco128/val2017"),
     "coco_mini_train": ("coco_mini_train/annotations/instances_train2017.json", "coco_mini_train/train2017"),
 }
+LOWDATA = ("balloon", "bottles", "dsb2018_nuclei", "endangered_animals", "kudzu_bug", "rice_leaf")
+POOL_IMAGES = 40  # images sampled (seeded) from a dev dataset's train + val to score proposals on
 KS = (10, 20)
+WORK = ROOT / "runs" / "bench" / "proposals"
+
+
+def _safe(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
 
 
 def out_path(dataset: str, engine: str) -> Path:
-    return ROOT / "runs" / "bench" / f"proposals_{dataset}_{engine}.json"
+    return WORK / f"{dataset}_{_safe(engine)}.json"
+
+
+def prepare(dataset: str) -> tuple[Path, Path, list[str] | None]:
+    """(ground-truth COCO JSON, image folder, vocabulary or None for the COCO names) of a dataset.
+
+    A dev dataset's pool is a seeded sample of POOL_IMAGES of its train + val images: linked into
+    a folder of their own, with their annotations merged into one ground-truth file (scoring only).
+    """
+    data = require_data()
+    if dataset in COCO:
+        return data / COCO[dataset][0], data / COCO[dataset][1], None
+    root = data / "lowdata" / dataset
+    images, annotations, categories = [], [], None
+    for split in ("train", "val"):
+        path = root / "annotations" / f"{split}.json"
+        if not path.is_file():
+            continue
+        coco = json.loads(path.read_text())
+        categories = coco["categories"]
+        offset = 1 + max((im["id"] for im in images), default=0)  # ids of two splits may collide
+        images += [{**im, "id": im["id"] + offset} for im in coco["images"]]
+        annotations += [{**a, "image_id": a["image_id"] + offset} for a in coco["annotations"]]
+    images = sorted(images, key=lambda im: im["file_name"])
+    random.Random(0).shuffle(images)
+    images = images[:POOL_IMAGES]
+    keep = {im["id"] for im in images}
+    annotations = [{**a, "id": i + 1} for i, a in enumerate(a for a in annotations if a["image_id"] in keep)]
+    folder = WORK / "pools" / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    for im in images:
+        link = folder / Path(im["file_name"]).name
+        if not link.exists():
+            link.symlink_to((root / "images" / im["file_name"]).resolve())
+    images = [{**im, "file_name": Path(im["file_name"]).name} for im in images]
+    gt = WORK / "pools" / f"{dataset}.json"
+    gt.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return gt, folder, [c["name"] for c in categories]
+
+
+def build(spec: str, vocabulary: list[str]):
+    """An engine from a spec `name[:key=value,...]`; the settings replace fields of its config."""
+    from dataclasses import replace
+
+    from models.uplvp.proposals import build_engine
+
+    name, _, settings = spec.partition(":")
+    engine = build_engine(name, vocabulary)
+    if settings:
+        overrides = {}
+        for item in settings.split(","):
+            key, _, value = item.partition("=")
+            try:
+                overrides[key] = json.loads(value)
+            except json.JSONDecodeError:
+                overrides[key] = value
+        engine.cfg = replace(engine.cfg, **overrides)
+    return engine
 
 
 def run_engine(args: argparse.Namespace) -> None:
     """Child process: build the engine, propose for every image, record speed and memory."""
     import torch
 
-    from models.uplvp.proposals import COCO_CLASSES, build_engine, propose_folder
+    from models.uplvp.proposals import COCO_CLASSES, propose_folder
 
     torch.set_num_threads(args.threads)
-    data = require_data()
-    images = data / DATASETS[args.dataset][1]
+    _, images, vocabulary = prepare(args.dataset)
     t0 = time.perf_counter()
-    engine = build_engine(args.engine, COCO_CLASSES)
+    engine = build(args.engine, vocabulary or COCO_CLASSES)
     load_s = time.perf_counter() - t0
     out = out_path(args.dataset, args.engine)
     out.unlink(missing_ok=True)
@@ -69,8 +137,7 @@ def score(dataset: str, engine: str) -> dict:
     from models.engine.evaluate import evaluate_segm
     from models.engine.predict import mask_iou
 
-    data = require_data()
-    gt = json.loads((data / DATASETS[dataset][0]).read_text())
+    gt = json.loads(prepare(dataset)[0].read_text())
     pred = json.loads(out_path(dataset, engine).read_text())
     stats = json.loads(out_path(dataset, engine).with_suffix(".stats.json").read_text())
     gt_by_name = {im["file_name"]: im for im in gt["images"]}
@@ -140,16 +207,9 @@ def fmt(v: float | None, pct: bool = True) -> str:
     return "–" if v is None else f"{100 * v:.1f}" if pct else f"{v:.2f}"
 
 
-def report(dataset: str, engines: list[str]) -> None:
-    rows = {e: score(dataset, e) for e in engines if out_path(dataset, e).with_suffix(".stats.json").exists()}
-    result = {"dataset": dataset, "vocabulary": "coco (80 names)", "engines": rows, "machine": machine()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"proposals_{dataset}.json").write_text(json.dumps(result, indent=2))
-    m = result["machine"]
-    lines = [f"# Masks Proposal benchmark on {dataset} (vocabulary: the 80 COCO names)", "",
-             f"Machine: {m['cpu']}, {rows[next(iter(rows))]['threads']} torch threads, torch {m['torch']}, "
-             f"commit {m['commit']}.", "",
-             "| engine | recall@10 | recall@20 | R@10 small / medium / large | mask AP | AP50 | class-agn. AP "
+def table(dataset: str, rows: dict[str, dict], vocabulary: str) -> list[str]:
+    """One dataset's markdown table of every engine's row."""
+    lines = [f"| engine | recall@10 | recall@20 | R@10 small / medium / large | mask AP | AP50 | class-agn. AP "
              "| agn. AP50 | category accuracy | masks/img | img/s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e, r in rows.items():
@@ -163,33 +223,82 @@ def report(dataset: str, engines: list[str]) -> None:
             f"| {fmt(r['category_accuracy'])}{n_matched} "
             f"| {r['masks_per_image']:.1f} | {r['images_per_s']:.2f} | {r['peak_rss_mb']:.0f} |")
     any_row = next(iter(rows.values()))
-    lines += ["", f"Percentages. Ground truth: {any_row['gt_instances']} non-crowd instances "
+    lines += ["", f"Ground truth: {any_row['gt_instances']} non-crowd instances "
               f"({any_row['gt_by_size']['small']} small < 32², {any_row['gt_by_size']['medium']} medium, "
-              f"{any_row['gt_by_size']['large']} large). Recall: a ground-truth mask counts as found when one of "
-              "the engine's top-K masks has IoU >= 0.5 with it, whatever the category. Category accuracy: of the "
-              "top-10 proposals that match a ground-truth instance (IoU >= 0.5), the share whose category is the "
-              "instance's (chance: 1/80 = 1.3 %; number matched in brackets). The baselines have no language, "
-              "so they have no category metrics.", ""]
-    (RESULTS / f"proposals_{dataset}.md").write_text("\n".join(lines))
+              f"{any_row['gt_by_size']['large']} large); vocabulary: {vocabulary}.", ""]
+    return lines
+
+
+NOTE = ("Percentages. Recall: a ground-truth mask counts as found when one of the engine's top-K masks has IoU "
+        ">= 0.5 with it, whatever the category. Category accuracy: of the top-10 proposals that match a "
+        "ground-truth instance (IoU >= 0.5), the share whose category is the instance's (number matched in "
+        "brackets). The baselines have no language, so they have no category metrics.")
+
+
+def report(datasets: list[str], engines: list[str], name: str) -> None:
+    """bench/results/proposals_<name>.{json,md}: a table per dataset, and the mean over datasets."""
+    per: dict[str, dict[str, dict]] = {}
+    for d in datasets:
+        rows = {e: score(d, e) for e in engines if out_path(d, e).with_suffix(".stats.json").exists()}
+        if rows:
+            per[d] = rows
+    if not per:
+        raise SystemExit("nothing to report: run the engines first")
+    m = machine()
+    threads = next(iter(next(iter(per.values())).values()))["threads"]
+    lines = [f"# Masks Proposal benchmark: {name}", "",
+             f"Machine: {m['cpu']}, {threads} torch threads, torch {m['torch']}, commit {m['commit']}.", ""]
+    summary = {}
+    if len(per) > 1:
+        complete = [e for e in engines if all(e in rows for rows in per.values())]
+        lines += ["## Mean over datasets (each dataset weighs the same)", "",
+                  "| engine | " + " | ".join(f"R@10 {d}" for d in per) + " | mean R@10 | mean R@20 | mean agn. AP "
+                  "| mean category accuracy |",
+                  "|---|" + "---|" * (len(per) + 4)]
+        for e in complete:
+            rs = [per[d][e] for d in per]
+            acc = [r["category_accuracy"] for r in rs if r["category_accuracy"] is not None]
+            summary[e] = {"R@10": sum(r["recall"]["R@10"] for r in rs) / len(rs),
+                          "R@20": sum(r["recall"]["R@20"] for r in rs) / len(rs),
+                          "agnostic_AP": sum(r["agnostic_AP"]["AP"] for r in rs) / len(rs),
+                          "category_accuracy": sum(acc) / len(acc) if acc else None}
+            lines.append(f"| {e} | " + " | ".join(fmt(r["recall"]["R@10"]) for r in rs)
+                         + f" | {fmt(summary[e]['R@10'])} | {fmt(summary[e]['R@20'])} "
+                           f"| {fmt(summary[e]['agnostic_AP'])} | {fmt(summary[e]['category_accuracy'])} |")
+        lines.append("")
+    for d, rows in per.items():
+        vocab = "the 80 COCO names" if d in COCO else "the dataset's class names"
+        lines += [f"## {d}", "", *table(d, rows, vocab)]
+    lines += [NOTE, ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"datasets": per, "mean": summary, "machine": m,
+              "pool": f"lowdata: {POOL_IMAGES} seeded images of train + val per dataset; COCO: every image"}
+    (RESULTS / f"proposals_{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"proposals_{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default="offline,saliency,grid")
+    p.add_argument("--engines", nargs="+", default=["offline", "saliency", "grid"],
+                   help="engine specs: name or name:key=value,... (settings of its config)")
     p.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine in this process
-    p.add_argument("--dataset", default="coco128", choices=sorted(DATASETS))
+    p.add_argument("--dataset", default="coco128", choices=[*sorted(COCO), *LOWDATA, "lowdata"],
+                   help="a dataset, or lowdata for all six dev pools")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     if args.engine:
         return run_engine(args)
-    engines = args.engines.split(",")
+    datasets = list(LOWDATA) if args.dataset == "lowdata" else [args.dataset]
     if not args.report_only:
-        for e in engines:
-            subprocess.run([sys.executable, __file__, "--engine", e, "--dataset", args.dataset,
-                            "--threads", str(args.threads)], check=True)
-    report(args.dataset, engines)
+        for d in datasets:
+            for e in args.engines:
+                if out_path(d, e).with_suffix(".stats.json").exists():
+                    continue  # resumable: an engine already run on a dataset is not run again
+                subprocess.run([sys.executable, __file__, "--engine", e, "--dataset", d,
+                                "--threads", str(args.threads)], check=True)
+    report(datasets, args.engines, args.dataset)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ Arms, one after another in the same run, each for the same wall-clock training b
   maskrcnn   Mask R-CNN on the same backbone, with the recipe's data pipeline and schedule
   yolo       Ultralytics YOLOv8n-seg from scratch (yolov8n-seg.yaml: no YOLO weights exist offline),
              its own `time=` budget and defaults, scored with the same pycocotools code
+  uplvp, uplvp_maskcut, uplvp_self
+             K-Net with the recipe after UPLVP pre-training, pseudo masks from the offline engine,
+             the maskcut engine, or a teacher fine-tuned on the labelled set (self-training). The
+             pool is the labelled images plus the unlabeled ones: the train images outside the
+             labelled subset and the val images, labels stripped (never test). Teacher, proposals
+             and pre-training all count inside the arm's budget (models.pipeline's shares).
 Learning curves: every evaluation's weights are kept and scored on test after the run (outside
 its budget), so test AP can be drawn against training minutes; selection never sees test.
 
@@ -51,7 +57,8 @@ WORK = Path(os.environ.get("UPLVP_BENCH_WORK", ROOT / "runs" / "bench" / "real")
 OUT = RESULTS if "UPLVP_BENCH_WORK" not in os.environ else WORK
 LOWDATA = DATA / "lowdata"
 DATASETS = ("balloon", "endangered_animals", "rice_leaf", "kudzu_bug", "dsb2018_nuclei", "bottles")
-ARMS = ("knet", "knet_old", "maskrcnn", "yolo")
+ARMS = ("knet", "knet_old", "maskrcnn", "yolo", "uplvp", "uplvp_maskcut", "uplvp_self")
+UPLVP_ENGINES = {"uplvp": "offline", "uplvp_maskcut": "maskcut", "uplvp_self": "self"}
 VAL_MAX = 50  # val images used for model selection at most
 THREADS = int(os.environ.get("UPLVP_BENCH_THREADS", "2"))
 
@@ -106,6 +113,31 @@ def prepare(dataset: str, size: int | str, seed: int) -> dict[str, Path]:
     return files
 
 
+def pool_folders(files: dict[str, Path]) -> tuple[Path, Path | None]:
+    """(folder of the labelled training images, folder of the unlabeled pool or None when it is
+    empty) of a prepared run, as symlinks: UPLVP proposes on both, and must never see a test image.
+    The pool is the dataset's train images outside the labelled training set plus its val images."""
+    root = files["test"].parents[1]  # LOWDATA/<dataset>/annotations/test.json
+    base = files["train"].parent
+    labelled, pool = base / "labelled", base / "pool"
+    if (base / "pool.done").is_file():
+        return labelled, pool if json.loads((base / "pool.done").read_text())["pool"] else None
+    chosen = {im["file_name"] for im in load_json(files["train"])["images"]}
+    names = {im["file_name"] for im in load_json(root / "annotations" / "train.json")["images"]}
+    if (root / "annotations" / "val.json").is_file():
+        names |= {im["file_name"] for im in load_json(root / "annotations" / "val.json")["images"]}
+    test = {im["file_name"] for im in load_json(files["test"])["images"]}
+    for folder, members in ((labelled, chosen), (pool, names - chosen - test)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in sorted(members):
+            link = folder / name
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to((files["images"] / name).resolve())
+    (base / "pool.done").write_text(json.dumps({"labelled": len(chosen), "pool": len(names - chosen - test)}))
+    return labelled, pool if names - chosen - test else None
+
+
 def max_gt_per_image(coco: dict) -> int:
     counts: dict[int, int] = {}
     for a in coco["annotations"]:
@@ -138,7 +170,9 @@ def run_torch_arm(arm: str, files: dict[str, Path], budget_min: float, seed: int
     from models.engine.checkpoint import save_checkpoint
     from models.pipeline import FinetuneParams, PipelineHooks, run_finetune
 
-    overrides: dict[str, Any] = {"knet": {}, "knet_old": dict(OLD_DEFAULTS), "maskrcnn": {"arch": "maskrcnn"}}[arm]
+    overrides: dict[str, Any] = {"knet": {}, "knet_old": dict(OLD_DEFAULTS), "maskrcnn": {"arch": "maskrcnn"}}.get(arm, {})
+    if arm in UPLVP_ENGINES:
+        overrides = {"pretrain": True, "proposal_engine": UPLVP_ENGINES[arm]}
     overrides.update(json.loads(os.environ.get("UPLVP_BENCH_OVERRIDES", "{}")))  # ablations (bench --set)
     if arm == "knet_old":  # 50 kernels, or as many as the fullest image needs where 50 cannot hold it
         overrides["kernels"] = max(50, max_gt_per_image(load_json(files["train"])))
@@ -164,8 +198,9 @@ def run_torch_arm(arm: str, files: dict[str, Path], budget_min: float, seed: int
     if (out / "snapshots.json").is_file():
         snaps.extend(json.loads((out / "snapshots.json").read_text()))
     t0 = time.perf_counter()
-    res = run_finetune(files["train"], files["images"], out / "work", params, files["val"], files["images"],
-                       hooks=PipelineHooks(on_evaluation=on_evaluation), export=False)
+    train_images, unlabeled = (files["images"], None) if not params.pretrain else pool_folders(files)
+    res = run_finetune(files["train"], train_images, out / "work", params, files["val"], files["images"],
+                       hooks=PipelineHooks(on_evaluation=on_evaluation), export=False, unlabeled=unlabeled)
     wall = time.perf_counter() - t0
     test = score_checkpoint(res.artifact, files)
     curve = []
@@ -367,7 +402,8 @@ def plot(groups: dict[tuple, dict[str, list[dict]]]) -> None:
     cols = min(3, len(keys))
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    colours = dict(zip(ARMS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    colours = dict(zip(ARMS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+                              "tab:pink")))
     for ax, key in zip(axes.flat, keys):
         for arm in ARMS:
             for r in groups[key].get(arm, [])[:1]:

@@ -62,7 +62,11 @@ def _add_proposal_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", required=True, type=Path, help="folder of unlabeled images (searched recursively)")
     g.add_argument("--vocab", help="category names: 'coco' (the default), a file (one per line, JSON list or "
                    "COCO JSON), or 'cat,dog,...'")
-    g.add_argument("--engine", default="offline", help="offline (default, no CLIP weights needed) | clip | grid | saliency")
+    g.add_argument("--engine", default="offline", help="offline (default, no CLIP weights needed) | maskcut (offline "
+                   "+ normalized cuts) | self (--model's confident masks: self-training) | clip | grid | saliency")
+    g.add_argument("--model", type=Path, help="self engine: a checkpoint fine-tuned on your labels (`uplvp "
+                   "finetune`); its categories are the vocabulary")
+    g.add_argument("--min-score", type=float, default=0.5, help="self engine: the score a mask needs")
     g.add_argument("--clip-pretrained", help="clip engine: open_clip tag or checkpoint file (default $UPLVP_CLIP_PRETRAINED)")
     g.add_argument("--clip-arch", help="clip engine: open_clip architecture (default $UPLVP_CLIP_ARCH or ViT-B-16)")
     g.add_argument("--max-masks", type=int, default=10, help="K: at most this many pseudo masks per image")
@@ -78,6 +82,13 @@ def build_proposal_engine(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--max-masks must be >= 1, got {args.max_masks}")
     if not args.images.is_dir():
         raise ConfigError(f"{args.images}: image folder not found")
+    if args.engine == "self":
+        if args.model is None or not args.model.is_file():
+            raise ConfigError(f"--engine self proposes with a trained model: give --model (a checkpoint from "
+                              f"`uplvp finetune`){'' if args.model is None else f'; {args.model} not found'}")
+        if not 0.0 <= args.min_score <= 1.0:
+            raise ConfigError(f"--min-score must be in [0, 1], got {args.min_score}")
+        return build_engine("self", [], model=args.model, min_score=args.min_score)
     return build_engine(args.engine, parse_vocabulary(args.vocab or "coco"), args.clip_pretrained, args.clip_arch)
 
 

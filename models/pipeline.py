@@ -18,8 +18,9 @@ import dataclasses
 import io
 import json
 import math
-import statistics
 import random
+import statistics
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,9 +29,12 @@ from typing import Any
 
 from models.errors import ConfigError, DataError
 
-Stage = str  # "validating" | "proposing" | "pretraining" | "finetuning" | "evaluating"
+Stage = str  # "validating" | "teaching" | "proposing" | "pretraining" | "finetuning" | "evaluating"
 EVAL_EVERY_EPOCH_MAX = 100  # val images up to which every epoch is evaluated (AP per epoch in the curves)
 MAX_BUDGET_EPOCHS = 10_000  # a budgeted run's epoch cap when none is given: the budget decides
+# A budgeted UPLVP job (FinetuneParams.pretrain) shares its one budget: the `self` engine's teacher,
+# then pre-training, then the fine-tuning gets the rest (the proposals' own time comes off it).
+TEACHER_SHARE, PRETRAIN_SHARE = 0.35, 0.25
 MIN_KERNELS = 50
 # image_size 0 follows the data (image_size_for): the short side that makes the median instance
 # OBJECT_PX pixels across, between AUTO_SIZE_MIN and AUTO_SIZE_MAX (a CPU's cost grows with its square)
@@ -131,10 +135,15 @@ class FinetuneParams:
     threads: int = 0  # torch threads (0: torch's default)
     # UPLVP: propose pseudo masks on the dataset's images (vocabulary = its category names) and
     # pre-train the kernels on them before fine-tuning (the paper's pipeline, on the user's own photos).
+    # With a time budget the whole job fits in it: the `self` engine's teacher takes TEACHER_SHARE of it,
+    # pre-training PRETRAIN_SHARE (capped by pretrain_epochs when given), the fine-tuning what is left.
     pretrain: bool = False
-    pretrain_epochs: int = 0  # 0: as many as `epochs` (12 when those are planned)
-    proposal_engine: str = "offline"  # offline | clip (needs UPLVP_CLIP_PRETRAINED) | grid | saliency
+    pretrain_epochs: int = 0  # 0: as many as `epochs` (12 when those are planned; the budget's share with one)
+    # offline | maskcut | self (a teacher fine-tuned on the labels proposes) | clip (needs
+    # UPLVP_CLIP_PRETRAINED) | grid | saliency
+    proposal_engine: str = "offline"
     max_masks: int = 10  # pseudo masks per image at most
+    self_min_score: float = 0.5  # proposal_engine "self": the score a teacher's mask needs to be a pseudo mask
 
     def validate(self) -> FinetuneParams:
         """Raise ConfigError naming the first invalid field."""
@@ -148,6 +157,8 @@ class FinetuneParams:
             raise ConfigError("UPLVP pre-training is for arch 'knet' (its kernels take the prompts)")
         if self.backbone_weights not in ("imagenet", "none"):
             raise ConfigError(f"backbone_weights must be 'imagenet' or 'none', got {self.backbone_weights!r}")
+        if not 0.0 <= self.self_min_score <= 1.0:
+            raise ConfigError(f"self_min_score must be in [0, 1], got {self.self_min_score}")
         if self.pretrain_epochs < 0 or self.max_masks < 1 or self.epochs < 0 or self.kernels < 0:
             raise ConfigError("epochs, kernels and pretrain_epochs must be >= 0 and max_masks >= 1")
         if self.time_budget_min and self.time_budget_min < MIN_TIME_BUDGET_MIN:
@@ -177,9 +188,12 @@ class FinetuneParams:
         from models.config import TrainConfig
 
         sized = self.with_size(self.image_size or AUTO_SIZE_MIN)
-        return TrainConfig(epochs=self.pretrain_epochs or self.epochs or 12, batch_size=self.batch_size, lr=self.lr,
+        budget_s = 60.0 * self.time_budget_min * PRETRAIN_SHARE
+        epochs = self.pretrain_epochs or (MAX_BUDGET_EPOCHS if budget_s else self.epochs or 12)
+        return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr,
                            warmup_iters=self.warmup_iters, seed=self.seed, short_side=sized.image_size,
-                           max_long_side=sized.max_size, num_threads=self.threads, grad_clip=1.0)
+                           max_long_side=sized.max_size, num_threads=self.threads, grad_clip=1.0,
+                           time_budget_s=budget_s)
 
     def model_config(self, num_classes: int, max_instances: int = 0) -> Any:
         """The ModelConfig these parameters describe for a dataset with `num_classes` classes and at most
@@ -359,6 +373,9 @@ def run_finetune(
     from models.nets.build import build_model
     from models.reports.pictures import evaluation_grid_png, learning_curve_png
 
+    from models.config import MIN_TIME_BUDGET_MIN
+
+    job_t0 = time.monotonic()
     hooks = hooks or PipelineHooks()
     params.validate()
     work = Path(work_dir)
@@ -404,8 +421,18 @@ def run_finetune(
 
     if params.pretrain and state is None:
         folders = [Path(train_images)] + ([Path(unlabeled)] if unlabeled is not None else [])
+        teacher = None
+        if params.proposal_engine == "self":
+            if val_ann is None or val_images is None:
+                raise ConfigError("proposal_engine=self fine-tunes a teacher on the labels first and needs held-out "
+                                  "images to pick its checkpoint, but none could be held out: give a val split, "
+                                  "more than one labelled image with val_fraction > 0, or another proposal_engine")
+            teacher = train_teacher(train_ann, train_images, val_ann, val_images, work / "teacher", params, hooks)
         init = run_uplvp_pretraining(folders, list(categories.names), work / "pretrain",
-                                     dataclasses.replace(params, kernels=mcfg.num_kernels), hooks)
+                                     dataclasses.replace(params, kernels=mcfg.num_kernels), hooks, teacher=teacher)
+        if tcfg.time_budget_s:  # the fine-tuning gets what the teacher, proposals and pre-training left
+            left = tcfg.time_budget_s - (time.monotonic() - job_t0)
+            tcfg = dataclasses.replace(tcfg, time_budget_s=max(60.0 * MIN_TIME_BUDGET_MIN, left))
 
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
@@ -492,17 +519,54 @@ def image_pool(folders: list[Path], pool: Path) -> Path:
     return pool
 
 
+def train_teacher(
+    train_ann: str | Path,
+    train_images: str | Path,
+    val_ann: str | Path,
+    val_images: str | Path,
+    work_dir: str | Path,
+    params: FinetuneParams,
+    hooks: PipelineHooks | None = None,
+) -> Path:
+    """The `self` engine's teacher: these parameters fine-tuned on the labelled images alone,
+    selected on the val images, in TEACHER_SHARE of the time budget when there is one.
+    Resumable in `work_dir`; returns its model.pt.
+
+    Its stages are reported as one, "teaching", so that a job's stage and progress do not jump
+    back and forth between the teacher's fine-tuning and the final one.
+    """
+    from models.config import MIN_TIME_BUDGET_MIN
+
+    hooks = hooks or PipelineHooks()
+    done = Path(work_dir) / "model.pt"
+    if done.is_file():
+        return done
+    budget = max(MIN_TIME_BUDGET_MIN, params.time_budget_min * TEACHER_SHARE) if params.time_budget_min else 0.0
+    teacher_params = dataclasses.replace(params, pretrain=False, time_budget_min=budget)
+    on_stage = hooks.on_stage
+
+    def teaching(stage: Stage) -> None:
+        if on_stage is not None and stage == "validating":
+            on_stage("teaching")
+
+    teacher_hooks = dataclasses.replace(hooks, on_stage=teaching, on_init=None, on_evaluation=None)
+    return Path(run_finetune(train_ann, train_images, work_dir, teacher_params, val_ann, val_images,
+                             hooks=teacher_hooks).artifact)
+
+
 def run_uplvp_pretraining(
     images: str | Path | list[Path],
     vocabulary: list[str],
     work_dir: str | Path,
     params: FinetuneParams,
     hooks: PipelineHooks | None = None,
+    teacher: str | Path | None = None,
 ) -> Path:
     """UPLVP on the images of a folder (or several): Masks Proposal, then prompt-kernel pre-training.
 
     Both steps are resumable in `work_dir` (``pseudo.json`` with its partial file, and
-    ``pretrain.pt``). Returns the pre-trained checkpoint, for `run_finetune(init=...)`.
+    ``pretrain.pt``). `teacher` is the `self` engine's trained checkpoint (`train_teacher`).
+    Returns the pre-trained checkpoint, for `run_finetune(init=...)`.
     """
     import torch
 
@@ -519,7 +583,7 @@ def run_uplvp_pretraining(
         _stage(hooks, "proposing")
         if params.threads:
             torch.set_num_threads(params.threads)
-        engine = build_engine(params.proposal_engine, vocabulary)
+        engine = build_engine(params.proposal_engine, vocabulary, model=teacher, min_score=params.self_min_score)
         propose_folder(images, engine, pseudo.with_suffix(".tmp.json"), max_masks=params.max_masks,
                        progress=hooks.on_proposal, should_stop=hooks.should_stop)
         if hooks.should_stop and hooks.should_stop():

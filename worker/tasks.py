@@ -90,6 +90,9 @@ class JobReporter:
         "finetune": {"validating": (0.0, 0.02), "finetuning": (0.02, 0.95), "evaluating": (0.95, 0.98)},
         "uplvp": {"validating": (0.0, 0.02), "proposing": (0.02, 0.15), "pretraining": (0.15, 0.45),
                   "finetuning": (0.45, 0.95), "evaluating": (0.95, 0.98)},
+        # proposal_engine "self": a teacher is fine-tuned first (models.pipeline.train_teacher)
+        "uplvp_self": {"validating": (0.0, 0.02), "teaching": (0.02, 0.3), "proposing": (0.3, 0.38),
+                       "pretraining": (0.38, 0.55), "finetuning": (0.55, 0.95), "evaluating": (0.95, 0.98)},
         "pretrain": {"validating": (0.0, 0.02), "proposing": (0.02, 0.3), "pretraining": (0.3, 0.98)},
     }
 
@@ -100,7 +103,7 @@ class JobReporter:
         self.epochs = max(1, epochs)
         self.pretrain_epochs = max(1, pretrain_epochs or epochs)
         self.ranges = self.RANGES[plan]
-        self.finetunes_after = plan == "uplvp"  # the ETA of pre-training includes the fine-tuning after it
+        self.finetunes_after = plan.startswith("uplvp")  # the ETA of pre-training includes the fine-tuning after it
         self.min_interval_s = min_interval_s
         self.stage = "validating"
         self.time_budget_s = time_budget_s  # of the fine-tuning stage
@@ -251,7 +254,8 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
     params = FinetuneParams.from_dict(job["params"])
     if s.worker_threads:
         params.threads = s.worker_threads
-    plan = "pretrain" if job["kind"] == "pretrain" else "uplvp" if params.pretrain else "finetune"
+    plan = "pretrain" if job["kind"] == "pretrain" else "finetune" if not params.pretrain \
+        else "uplvp_self" if params.proposal_engine == "self" else "uplvp"
     reporter = JobReporter(reg, job_id, params.epochs, lock_lost, pretrain_epochs=params.pretrain_epochs, plan=plan,
                            time_budget_s=60.0 * params.time_budget_min)
     try:

@@ -9,7 +9,7 @@ from fastapi import Depends, Form
 from app.core.errors import ApiError
 from models.config import MIN_TIME_BUDGET_MIN
 
-Engine = Literal["offline", "clip", "grid", "saliency"]
+Engine = Literal["offline", "maskcut", "self", "clip", "grid", "saliency"]
 
 
 def training_fields(
@@ -55,8 +55,10 @@ def resolve_budget(training: dict[str, Any], default_min: float) -> dict[str, An
 
 
 def proposal_fields(
-    proposal_engine: Annotated[Engine, Form(description="Masks Proposal engine (clip needs UPLVP_CLIP_PRETRAINED "
-                                            "on the worker)")] = "offline",
+    proposal_engine: Annotated[Engine, Form(description="Masks Proposal engine: offline, maskcut (offline + "
+                                            "normalized cuts), self (POST /finetune only: a teacher fine-tuned "
+                                            "on the labels proposes), clip (needs UPLVP_CLIP_PRETRAINED on the "
+                                            "worker), grid or saliency")] = "offline",
     max_masks: Annotated[int, Form(ge=1, le=100, description="pseudo masks per image at most")] = 10,
 ) -> dict[str, Any]:
     """How UPLVP proposes pseudo masks."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import DataError
+from models.errors import ConfigError, DataError
 from models.pipeline import (
     FinetuneParams,
     PipelineHooks,
@@ -146,3 +146,47 @@ def test_imagenet_class_evidence_is_on_where_there_are_classes_to_tell_apart():
     assert FinetuneParams().model_config(num_classes=7).class_from_backbone
     assert not FinetuneParams().model_config(num_classes=1).class_from_backbone
     assert FinetuneParams(class_from_backbone=True).model_config(num_classes=1).class_from_backbone
+
+
+def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tuple[Path, Path], tmp_path: Path):
+    from models.uplvp.proposals.self_training import SelfEngine
+    from PIL import Image
+
+    ann, images = voc4
+    params = FinetuneParams(**{**TINY, "epochs": 2, "val_fraction": 0.25, "pretrain": True, "pretrain_epochs": 1,
+                               "proposal_engine": "self", "self_min_score": 0.0, "max_masks": 3})
+    stages: list[str] = []
+    res = run_finetune(ann, images, tmp_path, params, hooks=PipelineHooks(on_stage=stages.append))
+    # the teacher's own fine-tuning shows as one stage, before the UPLVP ones
+    assert stages == ["validating", "teaching", "proposing", "pretraining", "finetuning", "evaluating"]
+    teacher = tmp_path / "teacher" / "model.pt"
+    assert teacher.is_file() and res.init_report is not None and res.init_report["loaded"]
+    names = [c["name"] for c in json.loads(ann.read_text())["categories"]]
+    pseudo = json.loads((tmp_path / "pretrain" / "pseudo.json").read_text())
+    assert pseudo["info"]["engine"] == "self" and [c["name"] for c in pseudo["categories"]] == names
+    per_image: dict[int, int] = {}
+    for a in pseudo["annotations"]:
+        per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
+    assert pseudo["annotations"] and max(per_image.values()) <= 3
+
+    engine = SelfEngine(teacher, min_score=0.0)
+    photo = Image.open(images / "voc_0.jpg").convert("RGB")
+    props = engine.propose(photo, 2)
+    assert 1 <= len(props) <= 2 and engine.vocabulary == names
+    assert all(p.mask.shape == (photo.height, photo.width) and p.mask.any() and p.category in names for p in props)
+    assert [p.score for p in props] == sorted((p.score for p in props), reverse=True)
+    assert engine.propose(photo, 5) and all(p.score >= 0.99 for p in SelfEngine(teacher, 0.99).propose(photo, 5))
+
+    with pytest.raises(ConfigError, match="held-out images"):
+        run_finetune(ann, images, tmp_path / "b", FinetuneParams(**{**TINY, "pretrain": True,
+                                                                      "proposal_engine": "self"}))
+
+
+def test_a_budgeted_uplvp_job_shares_one_budget():
+    from models.pipeline import MAX_BUDGET_EPOCHS, PRETRAIN_SHARE
+
+    budgeted = FinetuneParams(time_budget_min=10, pretrain=True).pretrain_config()
+    assert budgeted.time_budget_s == 600 * PRETRAIN_SHARE and budgeted.epochs == MAX_BUDGET_EPOCHS
+    assert FinetuneParams(time_budget_min=10, pretrain=True, pretrain_epochs=3).pretrain_config().epochs == 3
+    unbudgeted = FinetuneParams(epochs=5, pretrain=True).pretrain_config()
+    assert unbudgeted.time_budget_s == 0 and unbudgeted.epochs == 5

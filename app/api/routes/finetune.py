@@ -106,6 +106,12 @@ def post_finetune(
     with validating(work):
         got = receive_zip(dataset, "dataset", work / "dataset", settings, job_id)
         layout = inspect_dataset(work / "dataset", settings.max_image_pixels)
+        if pretrain and proposal["proposal_engine"] == "self" and layout.val_ann is None \
+                and (val_fraction == 0 or layout.num_images < 2):
+            raise ApiError(400, "self_needs_validation", "proposal_engine=self fine-tunes a teacher on the labels "
+                           "first and needs held-out images to pick its checkpoint: this dataset has no val split "
+                           f"and val_fraction={val_fraction:g} holds none of its {layout.num_images} image(s) out; "
+                           "add a val split or images, set val_fraction > 0, or choose another proposal_engine")
         info = {**layout.to_dict(), "sha256": got.sha256, "size_bytes": got.size_bytes, "filename": got.filename}
         if unlabeled is not None:
             extra = receive_zip(unlabeled, "unlabeled", work / "unlabeled", settings, job_id)

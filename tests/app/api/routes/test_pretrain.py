@@ -52,6 +52,11 @@ def test_bad_vocabulary(client: Any, photos_zip: bytes) -> None:
     assert_error(post_pretrain(client, photos_zip, vocabulary=" "), 400, "invalid_vocabulary", "empty")
 
 
+def test_the_self_engine_needs_labels_and_is_refused_here(client: Any, photos_zip: bytes) -> None:
+    assert_error(post_pretrain(client, photos_zip, proposal_engine="self"), 400, "self_needs_labels",
+                 "POST /finetune with base=pretrained")
+
+
 def test_zip_without_images(client: Any) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:

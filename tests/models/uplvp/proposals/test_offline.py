@@ -75,3 +75,14 @@ def test_empty_vocabulary_is_refused():
 
     with pytest.raises(ConfigError, match="empty vocabulary"):
         OfflineEngine([])
+
+
+def test_maskcut_engine_adds_normalized_cuts_and_still_finds_the_cat(chelsea, cat_region):
+    from models.uplvp.proposals import build_engine
+
+    engine = build_engine("maskcut", ["cat", "dog", "car", "person"])
+    assert engine.name == "maskcut" and engine.cfg.ncut_cuts > 0
+    props = engine.propose(chelsea, 10)
+    assert 1 <= len(props) <= 10 and all(p.mask.shape == (300, 451) for p in props)
+    cats = [p for p in props if p.category == "cat"]
+    assert cats and max((p.mask & cat_region).sum() / (p.mask | cat_region).sum() for p in cats) >= 0.5

@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 import torch
 
 from models.uplvp.proposals.postprocess import (
     components_per_class,
     greedy_dedupe,
+    normalized_cut_masks,
     self_similarity_masks,
     snap_to_segments,
 )
@@ -56,3 +58,39 @@ def test_snap_to_segments_follows_segment_edges():
     soft[0, :, :6] = 1.0  # a coarse mask that spills one column over the edge
     snapped = snap_to_segments(soft, segments, threshold=0.5)
     assert snapped[0, :, :5].all() and not snapped[0, :, 5:].any()
+
+
+def _two_objects_on_background(h: int, w: int) -> torch.Tensor:
+    """Features [8, h, w]: background along one direction, two separate objects along another."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.zeros(8, h, w)
+    f[0] = 1.0
+    for y0, y1, x0, x1 in ((3, 8, 4, 11), (12, 16, 20, 27)):
+        f[0, y0:y1, x0:x1] = 0.0
+        f[1, y0:y1, x0:x1] = 1.0
+    return f + 0.05 * torch.randn(f.shape, generator=g)
+
+
+@pytest.mark.parametrize("size", [(6, 10), (20, 30)])  # the dense solver below 65 patches, Lanczos above
+def test_normalized_cut_finds_the_objects_and_splits_them_into_parts(size):
+    h, w = size
+    f = _two_objects_on_background(h, w) if size == (20, 30) else None
+    if f is None:  # a small grid: one object on the left
+        f = torch.zeros(8, h, w)
+        f[0] = 1.0
+        f[0, 1:4, 1:4], f[1, 1:4, 1:4] = 0.0, 1.0
+    out = normalized_cut_masks(f, cuts=2, tau=0.5)
+    assert out and all(m.shape == (h, w) and m.dtype == bool and 0 <= q <= 1 for m, q in out)
+    first, quality = out[0]
+    truth = f[1].numpy() > 0.5
+    assert (first == truth).all()  # the objects, not the background
+    assert quality > 0.9  # a clean cut: the two sides barely link
+    if size == (20, 30):
+        parts = [m for m, _ in out[1:3]]
+        assert sorted(int(m.sum()) for m in parts) == [28, 35]
+        assert all((m & truth).sum() == m.sum() for m in parts)
+
+
+def test_normalized_cut_of_a_uniform_map_is_a_poor_cut():
+    f = torch.ones(8, 10, 10) + 0.01 * torch.randn(8, 10, 10, generator=torch.Generator().manual_seed(0))
+    assert all(q < 0.1 for _, q in normalized_cut_masks(f, cuts=2, tau=0.5))
