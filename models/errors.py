@@ -5,7 +5,10 @@ Library code raises these; the CLI turns them into a one-line message and exit c
 
 
 class UplvpError(Exception):
-    """Base class for every error this package raises on purpose."""
+    """Base class for every error this package raises on purpose; `code` is what the service's
+    job record calls it."""
+
+    code = "invalid_input"
 
 
 class DataError(UplvpError):
@@ -14,6 +17,12 @@ class DataError(UplvpError):
     The message always names the file and the problem, e.g.
     ``train.json: annotation 17 points at image id 99, which is not in 'images'``.
     """
+
+
+class NoPseudoMasksError(DataError):
+    """Masks Proposal found nothing to pre-train on in the whole pool."""
+
+    code = "no_pseudo_masks"
 
 
 class CheckpointError(UplvpError):

@@ -268,7 +268,7 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
     except UplvpError as exc:
         # Paths relative to the job's folder: the user knows the zip's names, not our disk layout.
         message = str(exc).replace(str(work / "dataset") + "/", "").replace(str(work / "run" / "split") + "/", "split ")
-        return _fail(reg, job_id, "invalid_input", message.replace(str(work) + "/", ""))
+        return _fail(reg, job_id, exc.code, message.replace(str(work) + "/", ""))
     except ArtifactError as exc:
         return _fail(reg, job_id, "base_unavailable", f"the base model version cannot be used: {exc}")
     except OSError as exc:  # disk full or data dir unwritable while writing a checkpoint or report

@@ -21,7 +21,7 @@ from models.data.coco import CocoAnnotations
 from models.data.dataset import CocoDataset
 from models.data.transforms import TransformConfig
 from models.engine.train import TrainHooks, TrainState, train
-from models.errors import ConfigError, DataError
+from models.errors import ConfigError, DataError, NoPseudoMasksError
 from models.uplvp.prompts import PromptConfig, Prompter
 
 
@@ -45,8 +45,9 @@ def load_pseudo(pseudo_json: str | Path, images: str | Path, transform: Transfor
                       f"(e.g. {', '.join(missing[:3])})", stacklevel=2)
     n_masks = sum(len(ann.annotations_for(im["id"])) for im in ann.images)
     if n_masks == 0:
-        raise DataError(f"{pseudo_json}: no pseudo masks at all ({len(ann.images)} images): nothing to pre-train "
-                        "on; check the vocabulary and the engine (`uplvp propose`), or use more images")
+        raise NoPseudoMasksError(f"{pseudo_json}: no pseudo masks at all ({len(ann.images)} images): nothing to "
+                                 "pre-train on; check the vocabulary and the engine (`uplvp propose`), or use more "
+                                 "images")
     ds = CocoDataset(ann, transform, train=True)  # keeps images with at least one pseudo mask
     without_masks = len(ann.images) - len(ds.images)
     summary = {"images": len(ds.images), "pseudo_masks": n_masks, "missing_images": len(missing),

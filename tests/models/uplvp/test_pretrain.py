@@ -10,7 +10,7 @@ from models.cli import main
 from models.config import ModelConfig, TrainConfig
 from models.data.transforms import TransformConfig
 from models.engine.checkpoint import init_from, load_checkpoint
-from models.errors import ConfigError, DataError
+from models.errors import ConfigError, DataError, NoPseudoMasksError
 from models.nets.knet import build_knet
 from models.uplvp.pretrain import load_pseudo, pretrain
 from models.uplvp.prompts import PromptConfig
@@ -116,8 +116,9 @@ def test_pseudo_json_problems_are_reported(tmp_path, photos):
     # zero masks for every image
     p2 = tmp_path / "p2.json"
     p2.write_text(json.dumps(dict(coco, annotations=[])))
-    with pytest.raises(DataError, match="no pseudo masks at all"):
+    with pytest.raises(NoPseudoMasksError, match="no pseudo masks at all") as err:
         load_pseudo(p2, images, TransformConfig(160, 224))
+    assert err.value.code == "no_pseudo_masks"  # what the job record says (worker.tasks), not a crash
 
 
 def test_cli_vocabulary_mismatch_and_missing_pseudo(tmp_path, photos, capsys):
