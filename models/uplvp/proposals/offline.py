@@ -116,6 +116,11 @@ def _to_input(image: Image.Image, cfg: OfflineConfig) -> torch.Tensor:
     return x[None]
 
 
+def _stack(masks: list[np.ndarray], h: int, w: int) -> torch.Tensor:
+    """Bool [h, w] grid masks of one generator as [M, h, w] (M may be 0)."""
+    return torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+
+
 class OfflineEngine:
     """Pseudo masks from MobileNetV2 self-similarity + CAM, labelled through MiniLM. See module doc."""
 
@@ -169,9 +174,8 @@ class OfflineEngine:
         _, h, w = feats.shape
 
         # (B) FreeMask self-similarity proposals on the dense features
-        soft, maskness = self_similarity_masks(feats, threshold=cfg.similarity_threshold)
-        if not cfg.use_similarity:
-            maskness = torch.zeros_like(maskness)  # every query fails the maskness filter
+        soft, maskness = self_similarity_masks(feats, threshold=cfg.similarity_threshold) if cfg.use_similarity \
+            else (torch.zeros(0, h, w), torch.zeros(0))
         binary = soft >= cfg.similarity_threshold
         cols = binary.any(1)  # [Q, w]
         widths = cols.float().sum(1) / w
@@ -185,22 +189,20 @@ class OfflineEngine:
 
         # (A) confident CAM regions, per vocabulary word, at grid resolution
         comps = components_per_class(vocab_probs.numpy(), cfg.cam_threshold, cfg.min_area_frac) if cfg.use_cam else []
-        masks_a = torch.from_numpy(np.stack([m for m, _, _ in comps])) if comps else torch.zeros(0, h, w, dtype=torch.bool)
+        masks_a = _stack([m for m, _, _ in comps], h, w)
         probs_a = self.classify(feats, masks_a.float())
 
         # (C) objectness: connected regions of high feature energy, whatever their class
         energy = normalise01(feats.mean(0)).numpy()
         comps_c = level_components(energy, cfg.energy_levels, max(2.0, cfg.min_area_frac * h * w))
-        masks_c = torch.from_numpy(np.stack([m for m, _ in comps_c])) if comps_c \
-            else torch.zeros(0, h, w, dtype=torch.bool)
+        masks_c = _stack([m for m, _ in comps_c], h, w)
         quality_c = [q for _, q in comps_c]
         probs_c = self.classify(feats, masks_c.float())
 
         # (D) normalized cuts of the patch graph
         comps_d = normalized_cut_masks(self._ncut_features(feats, mid), cfg.ncut_cuts, cfg.ncut_tau) \
             if cfg.ncut_cuts else []
-        masks_d = torch.from_numpy(np.stack([m for m, _ in comps_d])) if comps_d \
-            else torch.zeros(0, h, w, dtype=torch.bool)
+        masks_d = _stack([m for m, _ in comps_d], h, w)
         probs_d = self.classify(feats, masks_d.float())
 
         grid_masks = torch.cat([binary, masks_a, masks_c, masks_d])

@@ -86,3 +86,17 @@ def test_maskcut_engine_adds_normalized_cuts_and_still_finds_the_cat(chelsea, ca
     assert 1 <= len(props) <= 10 and all(p.mask.shape == (300, 451) for p in props)
     cats = [p for p in props if p.category == "cat"]
     assert cats and max((p.mask & cat_region).sum() / (p.mask | cat_region).sum() for p in cats) >= 0.5
+
+
+def test_normalized_cuts_alone_are_an_engine_too(chelsea):
+    """The ablation switches: with FreeMask, CAM regions and energy components off, the cuts alone propose."""
+    from dataclasses import replace
+
+    from models.uplvp.proposals import build_engine
+
+    engine = build_engine("maskcut", ["cat", "dog", "car", "person"])
+    engine.cfg = replace(engine.cfg, use_similarity=False, use_cam=False, energy_levels=())
+    props = engine.propose(chelsea, 10)
+    assert 1 <= len(props) <= 10 and all(p.mask.shape == (300, 451) for p in props)
+    engine.cfg = replace(engine.cfg, ncut_cuts=0)
+    assert engine.propose(chelsea, 10) == []  # every generator off: nothing, not a crash
