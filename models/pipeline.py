@@ -182,13 +182,15 @@ class FinetuneParams:
         the training annotations (see with_size for max_size)."""
         return self.with_size(self.image_size or image_size_for(annotations))
 
-    def pretrain_config(self) -> Any:
+    def pretrain_config(self, budget_min: float | None = None) -> Any:
         """The TrainConfig of the UPLVP pre-training (the reference's gradient clip of 1.0). Unlabeled
-        images have no objects to size the images by: image_size 0 is AUTO_SIZE_MIN there."""
+        images have no objects to size the images by: image_size 0 is AUTO_SIZE_MIN there. Its time
+        budget is PRETRAIN_SHARE of the job's, or `budget_min` of its own (pre-training done once,
+        outside a fine-tuning's budget: the benchmark's uncounted arms)."""
         from models.config import TrainConfig
 
         sized = self.with_size(self.image_size or AUTO_SIZE_MIN)
-        budget_s = 60.0 * self.time_budget_min * PRETRAIN_SHARE
+        budget_s = 60.0 * (self.time_budget_min * PRETRAIN_SHARE if budget_min is None else budget_min)
         epochs = self.pretrain_epochs or (MAX_BUDGET_EPOCHS if budget_s else self.epochs or 12)
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr,
                            warmup_iters=self.warmup_iters, seed=self.seed, short_side=sized.image_size,
@@ -561,11 +563,13 @@ def run_uplvp_pretraining(
     params: FinetuneParams,
     hooks: PipelineHooks | None = None,
     teacher: str | Path | None = None,
+    budget_min: float | None = None,
 ) -> Path:
     """UPLVP on the images of a folder (or several): Masks Proposal, then prompt-kernel pre-training.
 
     Both steps are resumable in `work_dir` (``pseudo.json`` with its partial file, and
     ``pretrain.pt``). `teacher` is the `self` engine's trained checkpoint (`train_teacher`).
+    `budget_min` is the pre-training's own time budget (default: its share of params' budget).
     Returns the pre-trained checkpoint, for `run_finetune(init=...)`.
     """
     import torch
@@ -592,7 +596,7 @@ def run_uplvp_pretraining(
     _stage(hooks, "pretraining")
     prompt_cfg = PromptConfig(num_slots=params.max_masks)
     # params.kernels: run_finetune passes the count its fine-tuning data needs
-    return pretrain_from_pseudo(pseudo, images, ckpt, params.pretrain_config(), prompt_cfg, params.model_config, hooks,
+    return pretrain_from_pseudo(pseudo, images, ckpt, params.pretrain_config(budget_min), prompt_cfg, params.model_config, hooks,
                                 resume=ckpt if ckpt.is_file() else None, extra={"engine": params.proposal_engine})
 
 

@@ -190,3 +190,7 @@ def test_a_budgeted_uplvp_job_shares_one_budget():
     assert FinetuneParams(time_budget_min=10, pretrain=True, pretrain_epochs=3).pretrain_config().epochs == 3
     unbudgeted = FinetuneParams(epochs=5, pretrain=True).pretrain_config()
     assert unbudgeted.time_budget_s == 0 and unbudgeted.epochs == 5
+    # pre-training done once, outside any fine-tuning's budget, has a budget of its own
+    own = FinetuneParams(time_budget_min=10, pretrain=True).pretrain_config(budget_min=4)
+    assert own.time_budget_s == 240 and own.epochs == MAX_BUDGET_EPOCHS
+    assert FinetuneParams(epochs=5, pretrain=True).pretrain_config(budget_min=2).time_budget_s == 120
