@@ -225,6 +225,11 @@ def train(
         seed_everything(cfg.seed * 1000 + epoch)
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
         model.train()
+        # The steps run with channels_last weights and images: oneDNN's convolutions take ~23 % less
+        # forward time in that layout on CPU (bench/profile_step.py --channels-last; the whole step
+        # ~5 % less). The parameters stay the same objects, so the optimizer is unaffected; evaluation
+        # and the returned model are back in the default layout, where saved weights reload exactly.
+        model.to(memory_format=torch.channels_last)
         sums: dict[str, float] = {}
         n_images, n_steps, t0 = 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not hooks.progress, leave=False)
@@ -237,6 +242,7 @@ def train(
             lr = lr_at(state.step, epoch, cfg, total)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_mult"]
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
             losses = step_fn(model, batch)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -272,6 +278,7 @@ def train(
                 break
             if cfg.time_budget_s and time.perf_counter() - run_t0 >= cfg.time_budget_s:
                 break  # the plan was too optimistic: the budget is a promise to the user
+        model.to(memory_format=torch.contiguous_format)
         elapsed = time.perf_counter() - t0
         steps = max(1, n_steps)
         entry: dict[str, Any] = {
