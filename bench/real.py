@@ -257,7 +257,7 @@ def pretrain_once(files: dict[str, Path], params: Any, train_ann: Any, budget_mi
     t0 = time.perf_counter()
     folders = [f for f in pool_folders(files) if f is not None]
     ckpt = run_uplvp_pretraining(folders, list(train_ann.categories.names), work,
-                                 dataclasses.replace(params, pretrain=True, kernels=kernels, time_budget_min=0.0),
+                                 dataclasses.replace(params, pretrain=True, kernels=kernels),
                                  budget_min=budget_min)
     info = {"engine": params.proposal_engine, "minutes": (time.perf_counter() - t0) / 60,
             "pretrain_budget_min": budget_min, "pool": json.loads((files["train"].parent / "pool.done").read_text())}
@@ -446,6 +446,11 @@ def minutes_to_reach(curve: list[dict[str, Any]], target: float) -> float | None
     return next((c["minutes"] for c in curve if (c["test_AP"] or 0.0) >= target), None)
 
 
+def mean_test_ap(rs: list[dict[str, Any]]) -> float:
+    """The mean test mask AP of one arm's runs (its seeds)."""
+    return statistics.mean(r["test"]["segm"]["AP"] or 0.0 for r in rs)
+
+
 def uplvp_summary(groups: dict[tuple, dict[str, list[dict]]]) -> list[str]:
     """Issue 14's targets from the rows there are, per UPLVP arm: its mean test AP over the datasets that
     also have a vanilla K-Net row (ratio per L), on how many of them it reaches vanilla's final AP in at
@@ -458,16 +463,15 @@ def uplvp_summary(groups: dict[tuple, dict[str, list[dict]]]) -> list[str]:
             both = [(k[0], g) for k, g in sorted(groups.items()) if level[k] == size and arm in g and "knet" in g]
             if not both:
                 continue
-            def ap(rs: list[dict]) -> float:
-                return statistics.mean(r["test"]["segm"]["AP"] or 0.0 for r in rs)
-            ours, vanilla = statistics.mean(ap(g[arm]) for _, g in both), statistics.mean(ap(g["knet"]) for _, g in both)
+            ours = statistics.mean(mean_test_ap(g[arm]) for _, g in both)
+            vanilla = statistics.mean(mean_test_ap(g["knet"]) for _, g in both)
             fast = 0
             for _, g in both:
                 v, u = g["knet"][0], g[arm][0]
                 reach = minutes_to_reach(u["curve"], v["test"]["segm"]["AP"] or 0.0) if u["curve"] else None
                 fast += reach is not None and reach <= 0.5 * v["train_minutes"]
             vs_mrcnn = [(ds, g) for ds, g in both if "maskrcnn" in g]
-            wins = sum(ap(g[arm]) >= ap(g["maskrcnn"]) for _, g in vs_mrcnn)
+            wins = sum(mean_test_ap(g[arm]) >= mean_test_ap(g["maskrcnn"]) for _, g in vs_mrcnn)
             ratio = f"{ours / vanilla:.2f}x" if vanilla > 0 else "–"
             out.append(f"- `{arm}` at L={size}{' (or all)' if size == '100' else ''}, {len(both)} dataset(s) with a knet row "
                        f"({', '.join(ds for ds, _ in both)}): mean AP {pct(ours)} vs vanilla {pct(vanilla)} ({ratio}); "
