@@ -137,8 +137,11 @@ def _load_gt(gt: dict | str | Path) -> tuple[dict, str]:
                             "which is not in 'categories'")
         if "segmentation" not in a:
             raise DataError(f"{source}: annotation {ann_id} has no 'segmentation'")
-        # COCOeval reads these keys unconditionally; hand-made files often leave them out.
-        a.setdefault("id", i + 1)
+        # COCOeval reads these keys unconditionally; hand-made files often leave them out. Its ids are
+        # renumbered from 1 on this copy: COCOeval records a match as the matched ground truth's id and
+        # reads 0 as "no match", so an annotation with id 0 (Roboflow's exports start there) would turn
+        # every detection of it into a false positive (cocodataset/cocoapi; cvat-ai/cvat#748).
+        a["id"] = i + 1
         a.setdefault("iscrowd", 0)
         if "area" not in a:
             im = images[a["image_id"]]

@@ -123,6 +123,16 @@ def test_perfect_predictions_score_one(gt):
     assert preds[:-1] == preds_before
 
 
+def test_annotation_ids_from_zero_score_like_any_others(gt):
+    """Roboflow numbers annotations from 0; COCOeval would read a match to id 0 as no match."""
+    zero_based = copy.deepcopy(gt)
+    for i, a in enumerate(zero_based["annotations"]):
+        a["id"] = i
+    m = evaluate_segm(zero_based, _perfect(gt))
+    assert m["segm"]["AP"] == pytest.approx(1.0) and m["class_agnostic"]["AP"] == pytest.approx(1.0)
+    assert [a["id"] for a in zero_based["annotations"]][0] == 0  # the caller's data is untouched
+
+
 def test_wrong_categories_fail_segm_but_not_class_agnostic(gt):
     rotate = {3: 17, 17: 1000, 1000: 3}
     preds = [{**p, "category_id": rotate[p["category_id"]]} for p in _perfect(gt)]
