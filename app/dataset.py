@@ -3,8 +3,10 @@
 1. Zip safety: it is a zip; member count, total uncompressed size and per-member compression
    ratio are capped; absolute names, ``..``, drive letters and symlinks are refused; members are
    streamed out with a byte counter (sizes in headers can lie) into a fresh directory.
-2. Layout: one COCO instances JSON (train), or two named ``*train*`` / ``*val*`` (a val split),
-   or a labelme folder (one JSON per image), converted to COCO (app/labelme.py);
+2. Layout: one COCO instances JSON (train), or two or three named ``*train*`` / ``*val*`` /
+   ``*test*`` (a val split, a test split kept aside); Roboflow's COCO export (``train/ valid/
+   test/``, app/roboflow.py); a labelme folder (one JSON per image, app/labelme.py) or an
+   Ultralytics YOLO segmentation dataset (``data.yaml``, app/yolo.py), both converted to COCO;
    the image folder is found next to the JSON (itself, ``images/``, ``<stem>/``, the zip root).
 3. COCO schema and references: ids, names, image_id / category_id references, a segmentation on
    every annotation, every image file present with a supported extension and a header Pillow
@@ -27,11 +29,13 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from app.formats import IMAGE_EXTENSIONS, MAX_PROBLEMS, Problems
 from app.labelme import convert_folder, is_labelme
+from app.report import dataset_report
+from app.roboflow import normalise, roboflow_splits
+from app.yolo import find_data_yaml, write_converted, yolo_to_coco
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PIL_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "MPO"}
-MAX_PROBLEMS = 20
 MAX_JSON_BYTES = 512 * 2**20
 
 
@@ -64,6 +68,12 @@ class DatasetLayout:
     num_images: int = 0
     num_annotations: int = 0
     categories: list[str] = field(default_factory=list)
+    # a test split, kept aside: the finished model is scored on it once (the version's metrics["test"])
+    test_ann: str | None = None
+    test_images: str | None = None
+    format: str = "coco"  # coco | roboflow | labelme | yolo: what the zip held
+    notes: list[str] = field(default_factory=list)  # what the upload's normalisation changed
+    report: dict[str, Any] = field(default_factory=dict)  # app.report.dataset_report: numbers and warnings
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (stored in the job record)."""
@@ -365,13 +375,19 @@ def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: li
     return len(raw["annotations"])
 
 
-def inspect_dataset(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DatasetLayout:
-    """Find and check the COCO annotations and images of an extracted dataset."""
-    root = Path(root).resolve()
+def _raise(problems: Problems | list[dict[str, str]]) -> None:
+    items = problems.items if isinstance(problems, Problems) else problems
+    total = problems.count if isinstance(problems, Problems) else len(problems)
+    more = f" (and {total - 1} more problem(s), see details)" if total > 1 else ""
+    raise DatasetError(items[0]["code"], f"{items[0]['file']}: {items[0]['problem']}{more}", items)
+
+
+def _discover(root: Path) -> tuple[str, dict[str, Path], list[str]]:
+    """(format, {"train"[, "val"][, "test"]: COCO file}, notes): which files are which split.
+
+    Converted formats (labelme, YOLO) are written as COCO files under `root` first.
+    """
     jsons = sorted(p for p in root.rglob("*.json") if p.is_file() and not _hidden(p.relative_to(root)))
-    if not jsons:
-        raise DatasetError("no_annotations", "the zip has no annotations JSON; add a COCO instances file "
-                           "(e.g. annotations.json) next to the images")
     coco: dict[Path, dict] = {}
     labelme: dict[Path, dict] = {}
     rejected: list[dict[str, str]] = []
@@ -385,44 +401,88 @@ def inspect_dataset(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
             rejected.append({"file": str(p.relative_to(root)), "code": "not_coco", "problem": err})
         else:
             coco[p] = raw
-    if not coco and labelme:  # a labelme folder: one COCO file made from its per-image files
-        converted, problems = convert_folder(root, labelme)
+    if not coco and not labelme and (found := find_data_yaml(root)) is not None:  # Ultralytics YOLO-seg
+        problems, notes = Problems(), ["converted from YOLO segmentation labels to COCO"]
+        converted = yolo_to_coco(root, found[0], found[1], problems, notes)
         if problems:
-            raise DatasetError("invalid_labelme", f"{problems[0]['file']}: {problems[0]['problem']}"
-                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-                               problems[:MAX_PROBLEMS])
-        coco[converted] = json.loads(converted.read_text())
+            _raise(problems)
+        return "yolo", write_converted(root, converted), notes
+    if not jsons:
+        raise DatasetError("no_annotations", "the zip has no annotations JSON nor a YOLO data.yaml: add a COCO "
+                           "instances file (e.g. annotations.json) next to the images, or upload a Roboflow COCO "
+                           "export, labelme files or a YOLO segmentation dataset (data.yaml, images/, labels/)")
+    if not coco and labelme:  # a labelme folder: one COCO file made from its per-image files
+        converted, found_problems = convert_folder(root, labelme)
+        if found_problems:
+            raise DatasetError("invalid_labelme", f"{found_problems[0]['file']}: {found_problems[0]['problem']}"
+                               + (f" (and {len(found_problems) - 1} more)" if len(found_problems) > 1 else ""),
+                               found_problems[:MAX_PROBLEMS])
+        return "labelme", {"train": converted}, []
     if not coco:
         first = rejected[0]
         raise DatasetError("not_coco", f"{first['file']}: {first['problem']}; the zip needs a COCO instances JSON "
                            "with 'images', 'annotations' and 'categories'", rejected[:MAX_PROBLEMS])
+    rel = {p: str(p.relative_to(root)) for p in coco}
+    roboflow = roboflow_splits(list(coco))
+    if roboflow is not None:
+        if "train" not in roboflow:
+            raise DatasetError("no_train_split", "this Roboflow export has " + " and ".join(
+                f"{rel[p].rsplit('/', 1)[0]}/" for p in roboflow.values()) + " but no train/_annotations.coco.json: "
+                "export the train split too (the model learns from it; valid picks the checkpoint, test scores it)")
+        dropped = normalise(roboflow)
+        notes = ["area recomputed from the masks (Roboflow writes the box's area)"]
+        if dropped:
+            notes.insert(0, f"dropped the unused category {', '.join(repr(d) for d in dropped)} (Roboflow's dataset "
+                         "name, the supercategory of the classes)")
+        return "roboflow", roboflow, notes
     if len(coco) == 1:
-        train, val = next(iter(coco)), None
-    else:
-        trains = [p for p in coco if "train" in p.name.lower()]
-        vals = [p for p in coco if "val" in p.name.lower()]
-        if len(trains) != 1 or len(vals) != 1 or len(coco) > 2:
-            names = ", ".join(str(p.relative_to(root)) for p in coco)
-            raise DatasetError("ambiguous_annotations", f"the zip has {len(coco)} COCO files ({names}); keep one, "
-                               "or exactly two named *train*.json and *val*.json")
-        train, val = trains[0], vals[0]
+        return "coco", {"train": next(iter(coco))}, []
+    by_split = {split: [p for p in coco if split in p.name.lower()] for split in ("train", "val", "test")}
+    if len(coco) > 3 or any(len(v) > 1 for v in by_split.values()) or len(by_split["train"]) != 1 \
+            or sum(map(len, by_split.values())) != len(coco):
+        names = ", ".join(rel[p] for p in coco)
+        raise DatasetError("ambiguous_annotations", f"the zip has {len(coco)} COCO files ({names}); keep one, "
+                           "or name them *train*.json and *val*.json (and optionally *test*.json), or upload a "
+                           "Roboflow COCO export as it is (train/, valid/, test/)")
+    return "coco", {split: files[0] for split, files in by_split.items() if files}, []
+
+
+def inspect_dataset(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DatasetLayout:
+    """Find and check the annotations and images of an extracted dataset (any of the accepted formats)."""
+    root = Path(root).resolve()
+    fmt, found, notes = _discover(root)
+    splits = {split: found[split] for split in ("train", "val", "test") if split in found}
+    raws = {split: json.loads(path.read_bytes()) for split, path in splits.items()}
     problems: list[dict[str, str]] = []
-    train_images = _find_image_root(train, coco[train], root)
-    n_ann = _check_coco(train, coco[train], train_images, root, problems, max_pixels)
-    val_images = None
-    if val is not None:
-        val_images = _find_image_root(val, coco[val], root)
-        _check_coco(val, coco[val], val_images, root, problems, max_pixels)
+    image_roots: dict[str, Path] = {}
+    counts: dict[str, int] = {}
+    for split, path in splits.items():
+        image_roots[split] = _find_image_root(path, raws[split], root)
+        counts[split] = _check_coco(path, raws[split], image_roots[split], root, problems, max_pixels)
+    train_names = [c.get("name") for c in raws["train"]["categories"] if isinstance(c, dict)]
+    for split in ("val", "test"):
+        if split in raws:
+            extra = [c.get("name") for c in raws[split]["categories"]
+                     if isinstance(c, dict) and c.get("name") not in train_names]
+            if extra and len(problems) < MAX_PROBLEMS:
+                problems.append({"file": str(splits[split].relative_to(root)), "code": "invalid_coco",
+                                 "problem": f"has categories that train does not: {extra[:10]}; the model can only "
+                                 "learn the classes of its training split"})
     if problems:
-        code = problems[0]["code"]
-        more = f" (and {len(problems) - 1} more problem(s), see details)" if len(problems) > 1 else ""
-        raise DatasetError(code, f"{problems[0]['file']}: {problems[0]['problem']}{more}", problems)
-    names = [c["name"] for c in coco[train]["categories"]]
+        _raise(problems)
+
+    def where(split: str) -> tuple[str | None, str | None]:
+        if split not in splits:
+            return None, None
+        return str(splits[split].relative_to(root)), str(image_roots[split].relative_to(root))
+
+    (train_ann, train_images), (val_ann, val_images), (test_ann, test_images) = map(where, ("train", "val", "test"))
+    assert train_ann is not None and train_images is not None  # _discover always finds a train split
+    report = dataset_report({split: (raws[split], image_roots[split]) for split in splits}, root)
     return DatasetLayout(
-        train_ann=str(train.relative_to(root)), train_images=str(train_images.relative_to(root)),
-        val_ann=str(val.relative_to(root)) if val else None,
-        val_images=str(val_images.relative_to(root)) if val_images else None,
-        num_images=len(coco[train]["images"]), num_annotations=n_ann, categories=names)
+        train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images,
+        num_images=len(raws["train"]["images"]), num_annotations=counts["train"], categories=train_names,
+        test_ann=test_ann, test_images=test_images, format=fmt, notes=notes, report=report)
 
 
 def inspect_images(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:

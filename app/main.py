@@ -8,10 +8,11 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.api.routes import finetune, health, jobs, models, pretrain, segment
+from app.api.routes import finetune, health, jobs, metrics, models, pretrain, segment
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
 from app.core.security import parse_api_keys
+from app.metrics import ApiMetrics, RequestMetrics
 from app.registry import from_settings
 from app.schemas import ErrorResponse
 
@@ -45,7 +46,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = from_settings(settings)
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
-    for module in (finetune, pretrain, jobs, segment, models, health):
+    app.state.metrics = ApiMetrics(app.state.registry, app.state.celery)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    for module in (finetune, pretrain, jobs, segment, models, health, metrics):
         app.include_router(module.router)
     # The web page: static files, no build step. Its JS calls the JSON API above with the user's key.
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

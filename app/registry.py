@@ -17,10 +17,12 @@ State changes that race (start vs cancel) are Lua scripts, so they are atomic in
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 import uuid
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,13 @@ from redis.retry import Retry
 from app.core.config import Settings
 from app.storage import ArtifactStore, LocalStore, build_store
 
+log = logging.getLogger("uplvp.registry")
+
 P = "uplvp:"
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 STAGES = ("validating", "teaching", "proposing", "pretraining", "finetuning", "evaluating")
-_JSON_FIELDS = ("params", "losses", "error", "result", "dataset", "output")
+_JSON_FIELDS = ("params", "losses", "error", "result", "dataset", "output", "webhook")
 JOB_KINDS = ("finetune", "pretrain", "segment")
 
 _START = """
@@ -113,8 +117,10 @@ class Conflict(RuntimeError):
 
 def from_settings(settings: Settings) -> Registry:
     """The registry these settings describe (Redis client + artifact store)."""
+    from app.webhooks import Notifier
+
     return Registry(connect(settings.redis_url), settings.data_dir,
-                    build_store(settings.artifact_store, settings.data_dir))
+                    build_store(settings.artifact_store, settings.data_dir), on_finish=Notifier(settings))
 
 
 def connect(url: str) -> redis.Redis:
@@ -132,8 +138,12 @@ def connect(url: str) -> redis.Redis:
 class Registry:
     """Jobs and model versions in Redis; artifacts on the shared filesystem under `data_dir`."""
 
-    def __init__(self, client: redis.Redis, data_dir: str | Path, store: ArtifactStore | None = None) -> None:
+    def __init__(self, client: redis.Redis, data_dir: str | Path, store: ArtifactStore | None = None,
+                 on_finish: Callable[[Registry, dict[str, Any]], Any] | None = None) -> None:
         self.r = client
+        # called with the job's record whenever a job reaches a terminal state, wherever that happens
+        # (a worker, the API's cancel of a queued job, the orphan sweep): the webhooks (app/webhooks.py)
+        self.on_finish = on_finish
         self.data_dir = Path(data_dir)
         self.store: ArtifactStore = store or LocalStore(self.data_dir)
         self._start = client.register_script(_START)
@@ -154,14 +164,17 @@ class Registry:
         return self.data_dir / "jobs" / job_id
 
     def create_job(self, job_id: str, name: str, params: dict[str, Any], dataset: dict[str, Any],
-                   base: str | None, kind: str = "finetune", owner: str = "") -> dict[str, Any]:
-        """Record a queued job of `kind` (finetune, pretrain or segment) submitted by `owner` (a key id)."""
+                   base: str | None, kind: str = "finetune", owner: str = "",
+                   webhook_url: str | None = None) -> dict[str, Any]:
+        """Record a queued job of `kind` (finetune, pretrain or segment) submitted by `owner` (a key id);
+        `webhook_url` is called when it ends (app/webhooks.py)."""
         assert kind in JOB_KINDS, kind
         ts, score = now_iso(), time.time()
         record = {"id": job_id, "kind": kind, "owner": owner, "name": name, "state": "queued", "stage": "", "progress": "0", "epoch": "0",
                   "epochs": str(params.get("epochs", 0)), "step": "0", "steps_per_epoch": "0",
                   "created_at": ts, "updated_at": ts, "cancel_requested": "0", "base": base or "",
-                  "params": _dump(params), "dataset": _dump(dataset), "attempts": "0"}
+                  "params": _dump(params), "dataset": _dump(dataset), "attempts": "0",
+                  "webhook_url": webhook_url or ""}
         pipe = self.r.pipeline()
         pipe.hset(f"{P}job:{job_id}", mapping=record)
         pipe.zadd(f"{P}jobs", {job_id: score})
@@ -190,6 +203,7 @@ class Registry:
         job["stage"] = raw.get("stage") or None
         job["base"] = raw.get("base") or None
         job["kind"] = raw.get("kind") or "finetune"
+        job["webhook_url"] = raw.get("webhook_url") or None
         return job
 
     def list_jobs(self, state: str | None = None, name: str | None = None, offset: int = 0,
@@ -242,6 +256,8 @@ class Registry:
         res = str(self._cancel(keys=[f"{P}job:{job_id}", f"{P}jobs:active"], args=[now_iso(), job_id]))
         if res == "missing":
             raise NotFound(f"job {job_id!r} not found")
+        if res == "cancelled_now":
+            self._finished(job_id)
         return res
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -263,6 +279,29 @@ class Registry:
             fields["progress"] = 1.0
         self.update_job(job_id, **fields)
         self.r.srem(f"{P}jobs:active", job_id)
+        self._finished(job_id)
+
+    def _finished(self, job_id: str) -> None:
+        if self.on_finish is None:
+            return
+        try:
+            self.on_finish(self, self.get_job(job_id))
+        except Exception:  # a hook never breaks a state change  # noqa: BLE001
+            log.exception("on_finish hook of job %s failed", job_id)
+
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        """{(kind, state): number of jobs} over every job on record (GET /metrics)."""
+        counts: dict[tuple[str, str], int] = {}
+        ids = self.r.zrange(f"{P}jobs", 0, -1)
+        for start in range(0, len(ids), 500):
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ids[start:start + 500]:
+                pipe.hmget(f"{P}job:{job_id}", "kind", "state")
+            for kind, state in pipe.execute():
+                if state:
+                    key = (kind or "finetune", state)
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def active_jobs(self) -> list[dict[str, Any]]:
         """Queued and running jobs."""
@@ -304,6 +343,8 @@ class Registry:
                                            args=[now_iso(), max_attempts, error, job_id]))
             if res in ("requeued", "failed"):
                 out.append((job_id, kind or "finetune", res))
+            if res == "failed":
+                self._finished(job_id)
         return out
 
     # ------------------------------------------------------------------ models

@@ -91,12 +91,18 @@ class Job(BaseModel):
     attempts: int = 0
     history: list[dict[str, Any]] = Field(default_factory=list, description="per epoch: stage, epoch, mean loss "
                                           "(the learning curve)")
+    webhook_url: str | None = Field(None, description="called with a signed POST when the job ends")
+    webhook: dict[str, Any] | None = Field(None, description="the delivery of that POST: event, delivered, attempts, "
+                                           "status, error")
 
 
 class JobAccepted(BaseModel):
     id: str
     state: JobState = "queued"
     location: str = Field(examples=["/jobs/5f0c3b0e9a4d4e7f8a1b2c3d4e5f6a7b"])
+    report: dict[str, Any] | None = Field(None, description="POST /finetune: what the upload holds, per split "
+                                          "(images, instances, per class, per image, size shares) and `warnings` "
+                                          "[{code, message}]; GET /jobs/{id} keeps it as dataset.report")
 
 
 class JobPage(BaseModel):

@@ -102,9 +102,12 @@ def run(args: argparse.Namespace) -> int:
         if job["state"] != "succeeded":
             print(f"job {job['id']} {job['state']}: {(job.get('error') or {}).get('message', '')}", file=sys.stderr)
             return 1
-        segm = job["result"]["metrics"].get("segm", {})
+        metrics = job["result"]["metrics"]
+        segm = metrics.get("segm", {})
         print(f"{job['result']['model']} v{job['result']['version']}: mask AP {100 * segm.get('AP', 0):.1f} %, "
-              f"AP50 {100 * segm.get('AP50', 0):.1f} % (on {job['result']['metrics'].get('evaluated_on')})")
+              f"AP50 {100 * segm.get('AP50', 0):.1f} % (on {metrics.get('evaluated_on')})"
+              + (f"; test split: mask AP {100 * (metrics['test']['segm'].get('AP') or 0):.1f} %, "
+                 f"AP50 {100 * (metrics['test']['segm'].get('AP50') or 0):.1f} %" if metrics.get("test") else ""))
         return 0
     if args.command == "segment":
         png = args.out is not None and args.out.suffix.lower() == ".png"

@@ -347,6 +347,8 @@ def run_finetune(
     checkpoint: str | Path | None = None,
     resume: str | Path | None = None,
     export: bool = True,
+    test_ann: str | Path | None = None,
+    test_images: str | Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune a model on a COCO dataset; what `POST /finetune` and `uplvp finetune` both run.
 
@@ -362,6 +364,8 @@ def run_finetune(
     checkpoint explicitly (the CLI's ``--resume``). With `export`, a serving artifact (``model.pt``,
     no optimizer state), its metrics (on the training images when there is no val set) and its
     report pictures are written to `work_dir`; without it the working checkpoint is the result.
+    A test split (`test_ann`, `test_images`) never steers training or selection: the exported
+    model is scored on it once, as ``metrics["test"]`` beside the selection split's numbers.
     Raises DataError / ConfigError / CheckpointError for problems the user can fix and
     models.engine.train.TrainingCancelled when `hooks.should_stop` turns true.
     """
@@ -490,6 +494,12 @@ def run_finetune(
     metrics = dict(selected) if selected else evaluate_epoch(model)
     metrics["evaluated_on"] = "val" if eval_ann is not train_set_ann else "train"
     metrics["training"] = training
+    if test_ann is not None and test_images is not None:
+        test_set_ann = CocoAnnotations(test_ann, test_images, categories=categories)
+        test_set = CocoDataset(test_set_ann, params.transform(train=False).with_size(tcfg.short_side,
+                                                                                     tcfg.max_long_side), train=False)
+        metrics["test"] = evaluate_model(model, test_set_ann, test_set, batch_size=tcfg.batch_size,
+                                         mask_threshold=mcfg.mask_threshold)
     _check_stop(hooks)  # a cancel during evaluation: no version is produced
     artifact = save_checkpoint(work / "model.pt", model, mcfg, tcfg, categories.to_coco(), run.history,
                                extra={"params": asdict(params), "metrics": metrics})

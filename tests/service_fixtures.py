@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+WEBHOOK_SECRET = "test-webhook-secret-0123456789"
 
 # Form fields of a job that trains in a few seconds (the advanced fields are documented in README).
 TINY = {"epochs": "2", "image_size": "96", "batch_size": "1", "lr": "0.001", "warmup_iters": "2", "width": "32",
@@ -80,7 +81,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def service_env(redis_server: RedisServer, data_dir: Path) -> dict[str, str]:
     """Environment of the worker (and the settings of the API)."""
     return {"REDIS_URL": redis_server.url, "UPLVP_DATA_DIR": str(data_dir), "UPLVP_HEARTBEAT_S": "1",
-            "UPLVP_JOB_LOCK_TTL_S": "30", "UPLVP_SEGMENT_TIMEOUT_S": "90", "UPLVP_WORKER_THREADS": "1"}
+            "UPLVP_JOB_LOCK_TTL_S": "30", "UPLVP_SEGMENT_TIMEOUT_S": "90", "UPLVP_WORKER_THREADS": "1",
+            # webhooks on, to the tests' receiver on loopback (tests/app/test_webhooks.py)
+            "UPLVP_WEBHOOK_SECRET": WEBHOOK_SECRET, "UPLVP_WEBHOOK_ALLOW_PRIVATE": "1", "UPLVP_WEBHOOK_BACKOFF_S": "0.2"}
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +93,8 @@ def settings(service_env: dict[str, str]) -> Any:
     # No rate limits for the suite's own traffic (one anonymous client submits ~100 jobs); the
     # limits have their own tests (tests/app/core/test_security.py).
     return Settings(redis_url=service_env["REDIS_URL"], data_dir=service_env["UPLVP_DATA_DIR"], heartbeat_s=1,
-                    job_lock_ttl_s=30, segment_timeout_s=90, rate_jobs_per_hour=0, rate_segment_per_min=0)
+                    job_lock_ttl_s=30, segment_timeout_s=90, rate_jobs_per_hour=0, rate_segment_per_min=0,
+                    webhook_secret=WEBHOOK_SECRET, webhook_allow_private=True, webhook_backoff_s=0.2)
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +144,9 @@ def live_api(service_env: dict[str, str], celery_worker: Path) -> Iterator[str]:
     import httpx
 
     port = free_port()
-    env = dict(os.environ, **service_env, UPLVP_RATE_JOBS_PER_HOUR="0", UPLVP_RATE_SEGMENT_PER_MIN="0")
+    # webhooks off: the OpenAPI fuzzer's random webhook_url values must never be resolved or called
+    env = dict(os.environ, **service_env, UPLVP_RATE_JOBS_PER_HOUR="0", UPLVP_RATE_SEGMENT_PER_MIN="0",
+               UPLVP_WEBHOOK_SECRET="", UPLVP_WEBHOOK_ALLOW_PRIVATE="0")
     proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -65,7 +65,10 @@ def _heartbeat_loop(hostname: str) -> None:
     tasks = {"finetune": FINETUNE_TASK, "pretrain": PRETRAIN_TASK}
     while not _stop.is_set():
         try:
-            registry.heartbeat(hostname, 3 * s.heartbeat_s, {"pid_host": socket.gethostname()})
+            from worker.tasks import loaded_models  # the worker imports its tasks anyway
+
+            registry.heartbeat(hostname, 3 * s.heartbeat_s, {"pid_host": socket.gethostname(),
+                                                             "models_loaded": loaded_models()})
             # The reaper: jobs whose worker died (their lock expired) go back to the queue.
             for job_id, kind, outcome in registry.requeue_orphans(s.max_job_attempts):
                 log.warning("job %s lost its worker: %s", job_id, outcome)

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from celery.exceptions import SoftTimeLimitExceeded
 
 from app.core.config import get_settings
+from app.metrics import record_segment_latency
 from app.registry import TERMINAL, NotFound, Registry, from_settings
 from app.storage import ArtifactError
 from worker.celery_app import (
@@ -210,7 +211,9 @@ def _finetune_body(job: dict[str, Any], reg: Registry, params: Any, reporter: Jo
                           val_ann=root / ds["val_ann"] if ds.get("val_ann") else None,
                           val_images=root / ds["val_images"] if ds.get("val_images") else None,
                           init=init, hooks=reporter.hooks(),
-                          unlabeled=work / ds["unlabeled_dir"] if ds.get("unlabeled_dir") else None)
+                          unlabeled=work / ds["unlabeled_dir"] if ds.get("unlabeled_dir") else None,
+                          test_ann=root / ds["test_ann"] if ds.get("test_ann") else None,
+                          test_images=root / ds["test_images"] if ds.get("test_images") else None)
     parent = None
     if job.get("base"):
         bname, bver = _base_ref(job["base"])
@@ -342,6 +345,7 @@ def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshol
     s = get_settings()
     if _predictors is None:
         _predictors = PredictorCache(s.model_cache_size, s.worker_threads)
+    t0 = time.perf_counter()
     try:
         predictor = _predictors.get((artifact, sha256), lambda: registry().store.fetch(artifact, sha256))
         decoded = [(name, base64.b64decode(data)) for name, data in images]
@@ -350,6 +354,16 @@ def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshol
         return {"error": {"code": "artifact_unavailable", "message": str(exc)}}
     except UplvpError as exc:
         return {"error": {"code": "invalid_input", "message": str(exc).replace(str(s.data_dir) + "/", "")}}
+    finally:
+        try:
+            record_segment_latency(registry(), time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - a metric never fails a request
+            log.warning("segment latency not recorded: %s", exc)
+
+
+def loaded_models() -> int:
+    """Models this worker process holds (its heartbeat reports it: uplvp_models_loaded)."""
+    return len(_predictors) if _predictors is not None else 0
 
 
 @celery_app.task(name=SEGMENT_TASK, acks_late=False)

@@ -6,7 +6,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Form
 
+from app.api.deps import SettingsDep
 from app.core.errors import ApiError
+from app.webhooks import WebhookRefused, check_url
 from models.config import MIN_TIME_BUDGET_MIN
 
 Engine = Literal["offline", "maskcut", "self", "clip", "grid", "saliency"]
@@ -65,5 +67,24 @@ def proposal_fields(
     return {"proposal_engine": proposal_engine, "max_masks": max_masks}
 
 
+def webhook_field(
+    settings: SettingsDep,
+    webhook_url: Annotated[str | None, Form(description="called with a POST when the job succeeds, fails or is "
+                                            "cancelled: {event, job}, signed with HMAC-SHA256 (header "
+                                            "X-Uplvp-Signature: sha256=<hex>); http(s), public addresses only")] = None,
+) -> str | None:
+    """A job's webhook URL, checked now (scheme, SSRF rules) so that a bad one is a 400, not a silent miss."""
+    if not webhook_url:
+        return None
+    if not settings.webhook_secret.get_secret_value():
+        raise ApiError(400, "webhooks_disabled", "this server signs webhooks with UPLVP_WEBHOOK_SECRET, which is not "
+                       "set: ask its operator to set it, or poll GET /jobs/{id}")
+    try:
+        return check_url(webhook_url.strip(), settings.webhook_allow_private)
+    except WebhookRefused as exc:
+        raise ApiError(400, "webhook_url_refused", str(exc)) from None
+
+
 TrainingFields = Annotated[dict[str, Any], Depends(training_fields)]
+WebhookField = Annotated[str | None, Depends(webhook_field)]
 ProposalFields = Annotated[dict[str, Any], Depends(proposal_fields)]

@@ -46,12 +46,27 @@ class Settings(BaseSettings):
     rate_jobs_per_hour: int = Field(60, ge=0, description="job submissions per key per hour (0: no limit)")
     max_active_jobs_per_key: int = Field(8, gt=0, description="queued + running training jobs per key")
     max_image_pixels: int = Field(50_000_000, gt=0, description="pixels per image (decompression-bomb guard)")
+    # Webhooks (app/webhooks.py): a job's webhook_url gets a POST signed with this secret when the job ends.
+    webhook_secret: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key that signs webhook bodies (at "
+                                      "least 16 characters); empty = jobs cannot ask for a webhook")
+    webhook_allow_private: bool = Field(False, description="1 = webhooks may call private, loopback and "
+                                        "link-local addresses (SSRF guard off: a receiver on your own network)")
+    webhook_attempts: int = Field(4, ge=1, le=20, description="deliveries tried per event (network errors, "
+                                  "timeouts, 408, 429 and 5xx are retried)")
+    webhook_backoff_s: float = Field(2.0, ge=0, le=600, description="wait before the first retry, doubled for each one")
 
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {v!r}")
+        return v
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_length(cls, v: SecretStr) -> SecretStr:
+        if 0 < len(v.get_secret_value()) < 16:
+            raise ValueError("UPLVP_WEBHOOK_SECRET must be at least 16 characters (or empty: no webhooks)")
         return v
 
     @model_validator(mode="after")

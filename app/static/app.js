@@ -41,6 +41,8 @@ async function refreshReady() {
 }
 
 function pct(v) { return v === null || v === undefined ? "–" : (100 * v).toFixed(1) + " %"; }
+// class names and file names come from the user's upload: never HTML
+function esc(v) { return String(v).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c])); }
 
 async function refreshModels() {
   let models = [];
@@ -126,7 +128,7 @@ async function startTraining(ev) {
   $("start").disabled = true;
   try {
     const job = await api("POST", "/finetune", form);
-    watch(job.id);
+    watch(job.id, job.report);
   } catch (e) {
     $("train-error").textContent = e.message;
   } finally {
@@ -134,8 +136,32 @@ async function startTraining(ev) {
   }
 }
 
-function watch(jobId) {
+// The dataset report of POST /finetune (also kept as the job's dataset.report): shown before training starts.
+function showReport(report) {
+  const el = $("dataset-report");
+  if (!report || !report.splits) { el.innerHTML = ""; return; }
+  const splits = Object.entries(report.splits);
+  const classes = Object.keys(report.splits.train.instances_per_class);
+  const head = splits.map(([name]) => `<th>${esc(name)}</th>`).join("");
+  const row = (label, f) => `<tr><th>${label}</th>${splits.map(([, s]) => `<td>${f(s)}</td>`).join("")}</tr>`;
+  const shares = (s) => ["small", "medium", "large"].map((k) => `${Math.round(100 * s.size_shares[k])} %`).join(" / ");
+  const rows = [
+    row("images", (s) => s.images),
+    row("instances", (s) => s.instances),
+    ...classes.map((c) => row(`· ${esc(c)}`, (s) => s.instances_per_class[c] ?? 0)),
+    row("instances per image (max / median)", (s) => `${s.instances_per_image.max} / ${s.instances_per_image.median}`),
+    row("small / medium / large", shares),
+    row("images without annotations", (s) => s.images_without_annotations),
+  ].join("");
+  const warnings = (report.warnings || []).map((w) => `<li class="warning" data-code="${esc(w.code)}">${esc(w.message)}</li>`).join("");
+  el.innerHTML = `<h3>Your dataset</h3><table id="report-table"><tr><th></th>${head}</tr>${rows}</table>` +
+    (warnings ? `<ul id="report-warnings">${warnings}</ul>` : `<p>No warnings.</p>`);
+}
+
+function watch(jobId, report) {
   state.jobId = jobId;
+  state.reportShown = Boolean(report);
+  showReport(report);
   $("job").hidden = false;
   $("job-result").innerHTML = "";
   clearInterval(state.timer);
@@ -147,6 +173,7 @@ async function poll() {
   let job;
   try { job = await api("GET", `/jobs/${state.jobId}`); } catch (e) { $("job-detail").textContent = e.message; return; }
   $("job-title").textContent = `${job.kind} “${job.name}”`;
+  if (!state.reportShown && job.dataset && job.dataset.report) { showReport(job.dataset.report); state.reportShown = true; }
   $("job-state").textContent = job.state;
   $("job-state").className = "pill " + job.state;
   $("job-progress").value = job.progress;
@@ -160,8 +187,10 @@ async function poll() {
     clearInterval(state.timer);
     if (job.state === "succeeded" && job.result) {
       const s = job.result.metrics.segm || {};
+      const t = (job.result.metrics.test || {}).segm;
       $("job-result").innerHTML = `<p>Model <b>${job.result.model} v${job.result.version}</b>: mask AP ${pct(s.AP)},
-        AP50 ${pct(s.AP50)} (on ${job.result.metrics.evaluated_on || "val"} images).</p>`;
+        AP50 ${pct(s.AP50)} (on ${job.result.metrics.evaluated_on || "val"} images)` +
+        (t ? `; on the test split, kept aside: mask AP ${pct(t.AP)}, AP50 ${pct(t.AP50)}` : "") + `.</p>`;
       await refreshModels();
       $("seg-model").value = job.result.model;
       await refreshVersions();

@@ -54,6 +54,11 @@ def test_train_watch_browse_and_segment_in_the_browser(page: Any, live_api: str,
     page.fill("input[name=val_fraction]", "0")
     page.click("#start")
     page.wait_for_selector("#job:not([hidden])")
+    # the dataset report of the 202 is on the page before training starts
+    page.wait_for_selector("#report-table")
+    report = page.text_content("#report-table")
+    assert "images" in report and all(c in report for c in ("bottle", "chair", "diningtable", "person")), report
+    assert page.text_content("#report-table tr:nth-child(2) td") == "4"  # images of the train split
     page.wait_for_function("document.getElementById('job-state').textContent === 'running'", timeout=60_000)
     page.wait_for_function("document.getElementById('job-detail').textContent.includes('loss')", timeout=120_000)
     page.screenshot(path=str(shots / "job-running.png"))

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
 from app.api.enqueue import enqueue
-from app.api.forms import ProposalFields, TrainingFields, resolve_budget
+from app.api.forms import ProposalFields, TrainingFields, WebhookField, resolve_budget
 from app.core.errors import ApiError
 from app.core.security import JobAccess
 from app.dataset import inspect_dataset, inspect_images
@@ -61,13 +61,14 @@ def resolve_base(registry: Registry, name: str, base: str) -> str | None:
 
 
 def queue_job(registry: Registry, celery: Celery, response: Response, job_id: str, name: str, kind: str,
-              task: str, params: dict[str, Any], info: dict[str, Any], base: str | None, owner: str) -> JobAccepted:
+              task: str, params: dict[str, Any], info: dict[str, Any], base: str | None, owner: str,
+              webhook_url: str | None = None) -> JobAccepted:
     """Record the job, send its task to the `train` queue, answer 202 with Location (also POST /pretrain)."""
-    registry.create_job(job_id, name, params, info, base, kind=kind, owner=owner)
+    registry.create_job(job_id, name, params, info, base, kind=kind, owner=owner, webhook_url=webhook_url)
     location = enqueue(registry, celery, job_id, task, [job_id], "train")
     response.headers["Location"] = location
     response.headers["Retry-After"] = "5"
-    return JobAccepted(id=job_id, state="queued", location=location)
+    return JobAccepted(id=job_id, state="queued", location=location, report=info.get("report"))
 
 
 @router.post("/finetune", status_code=202, response_model=JobAccepted,
@@ -81,8 +82,11 @@ def post_finetune(
     principal: JobAccess,
     training: TrainingFields,
     proposal: ProposalFields,
-    dataset: Annotated[UploadFile, File(description="zip: a COCO instances JSON and its images; a second JSON "
-                                        "named *val*.json (with *train*.json) is used as the val split")],
+    webhook_url: WebhookField,
+    dataset: Annotated[UploadFile, File(description="zip: a COCO instances JSON and its images (*train*.json "
+                                        "with *val*.json and/or *test*.json: those splits), a Roboflow COCO export "
+                                        "(train/ valid/ test/), labelme files, or a YOLO segmentation dataset "
+                                        "(data.yaml, images/, labels/)")],
     name: Annotated[str, Form(description="model name; the result is its next version", examples=["shelves"])],
     base: Annotated[str, Form(description="start from: 'none' (ImageNet backbone), '<model>:<version>', "
                               "'<model>' (its production, else latest; e.g. a POST /pretrain result), or "
@@ -121,4 +125,4 @@ def post_finetune(
               "pretrain": pretrain,
               "pretrain_epochs": pretrain_epochs}
     return queue_job(registry, celery, response, job_id, name, "finetune", FINETUNE_TASK, params, info, base_ref,
-                     principal.id)
+                     principal.id, webhook_url)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
-from app.api.forms import ProposalFields, TrainingFields
+from app.api.forms import ProposalFields, TrainingFields, WebhookField
 from app.api.routes.finetune import check_name, queue_job
 from app.core.errors import ApiError
 from app.core.security import JobAccess
@@ -51,6 +51,7 @@ def post_pretrain(
     principal: JobAccess,
     training: TrainingFields,
     proposal: ProposalFields,
+    webhook_url: WebhookField,
     images_zip: Annotated[UploadFile, File(description="zip of unlabeled images (any folders; other files ignored)")],
     vocabulary: Annotated[str, Form(description="category names for the pseudo masks: 'coco' (the 80 COCO "
                                     "names) or comma-separated, e.g. 'bottle,can,jar'. Use the names of the "
@@ -75,4 +76,5 @@ def post_pretrain(
               "pretrain_epochs": training["epochs"]}
     info = {"images_dir": "images", "num_images": n, "sha256": got.sha256, "size_bytes": got.size_bytes,
             "filename": got.filename}
-    return queue_job(registry, celery, response, job_id, name, "pretrain", PRETRAIN_TASK, params, info, None, principal.id)
+    return queue_job(registry, celery, response, job_id, name, "pretrain", PRETRAIN_TASK, params, info, None, principal.id,
+                     webhook_url)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
 from app.api.enqueue import enqueue
+from app.api.forms import WebhookField
 from app.core.errors import ApiError
 from app.core.security import SegmentAccess
 from app.dataset import image_problem
@@ -33,13 +34,13 @@ def resolve_model(registry: Registry, model: str, version: int | None) -> dict[s
 
 
 def queue_segment_job(registry: Registry, celery: Celery, rec: dict[str, Any], payload: list[list[str]],
-                      score_threshold: float, owner: str) -> JSONResponse:
+                      score_threshold: float, owner: str, webhook_url: str | None = None) -> JSONResponse:
     """async=true: record a segment job and send it to the `infer` queue; 202 + Location."""
     job_id = registry.new_job_id()
     params = {"model": rec["name"], "version": rec["version"], "score_threshold": score_threshold,
               "images": len(payload)}
     registry.create_job(job_id, rec["name"], params, {"num_images": len(payload)}, f"{rec['name']}:{rec['version']}",
-                        kind="segment", owner=owner)
+                        kind="segment", owner=owner, webhook_url=webhook_url)
     location = enqueue(registry, celery, job_id, SEGMENT_JOB_TASK,
                        [job_id, rec["artifact"], rec["sha256"], payload, score_threshold, "json"], "infer")
     body = JobAccepted(id=job_id, state="queued", location=location).model_dump()
@@ -57,6 +58,7 @@ def post_segment(
     settings: SettingsDep,
     celery: CeleryDep,
     principal: SegmentAccess,
+    webhook_url: WebhookField,
     images: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, BMP, TIFF, WebP)")],
     model: Annotated[str, Form(examples=["shelves"])],
     version: Annotated[int | None, Form(ge=1, description="default: the production version, else the latest")] = None,
@@ -67,6 +69,9 @@ def post_segment(
 ) -> Any:
     """Instances per image (category, score, bbox, RLE, polygons) or a PNG overlay; or, with
     async=true, a job (202 + Location) whose `output` holds the instances."""
+    if webhook_url and not async_:
+        raise ApiError(400, "webhook_needs_async", "a webhook is called when a job ends: send async=true with it (a "
+                       "synchronous request answers with the instances themselves)")
     rec = resolve_model(registry, model, version)
     if len(images) > settings.max_segment_images:
         raise ApiError(400, "too_many_images", f"{len(images)} images sent; at most {settings.max_segment_images} "
@@ -91,7 +96,7 @@ def post_segment(
                            [{"file": name, "problem": why}])
         payload.append([name, base64.b64encode(data).decode("ascii")])
     if async_:
-        return queue_segment_job(registry, celery, rec, payload, score_threshold, principal.id)
+        return queue_segment_job(registry, celery, rec, payload, score_threshold, principal.id, webhook_url)
     timeout = settings.segment_timeout_s
     res = celery.send_task(SEGMENT_TASK, args=[rec["artifact"], rec["sha256"], payload, score_threshold, format],
                            queue="infer", expires=timeout)

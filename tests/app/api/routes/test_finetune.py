@@ -191,3 +191,49 @@ def test_the_default_budget_applies_when_neither_epochs_nor_a_budget_is_given(cl
     job_id = resp.json()["id"]
     assert client.get(f"/jobs/{job_id}").json()["params"]["time_budget_min"] == 0.0
     client.post(f"/jobs/{job_id}/cancel")
+
+
+def _trained_from(client: Any, data: bytes, name: str) -> dict:
+    from tests.service_fixtures import wait_job
+
+    resp = post_finetune(client, data, name=name)
+    assert resp.status_code == 202, resp.text
+    job = wait_job(client, resp.json()["id"])
+    assert job["state"] == "succeeded", job
+    return job
+
+
+def test_roboflow_coco_export_trains_and_is_scored_on_its_test_split(client: Any, voc_dir: Path) -> None:
+    """A Roboflow export zip as downloaded: train/ valid/ test/, each with _annotations.coco.json."""
+    from tests.export_layouts import DATASET_NAME, roboflow_coco_zip
+
+    job = _trained_from(client, roboflow_coco_zip(voc_dir), "roboflow")
+    assert job["dataset"]["format"] == "roboflow" and DATASET_NAME not in job["dataset"]["categories"]
+    assert job["dataset"]["test_ann"] == "test/_annotations.coco.json"
+    metrics = job["result"]["metrics"]
+    assert metrics["evaluated_on"] == "val" and job["result"]["num_val_images"] == 1  # valid/ picked the weights
+    assert metrics["test"]["num_images"] == 1 and set(metrics["test"]["segm"]) >= {"AP", "AP50", "AP75"}
+    version = client.get(f"/models/roboflow/versions/{job['result']['version']}").json()
+    assert version["metrics"]["test"] == metrics["test"]
+    assert [c["name"] for c in version["categories"]] == ["bottle", "chair", "diningtable", "person"]
+
+
+def test_yolo_segmentation_dataset_trains(client: Any, voc_dir: Path) -> None:
+    """An Ultralytics YOLO-seg layout (data.yaml + images/ + labels/) is converted on upload and trains."""
+    from tests.export_layouts import yolo_seg_zip
+
+    job = _trained_from(client, yolo_seg_zip(voc_dir), "yolo")
+    assert job["dataset"]["format"] == "yolo" and job["dataset"]["categories"] == ["bottle", "chair", "diningtable",
+                                                                                    "person"]
+    assert job["result"]["num_train_images"] == 2 and job["result"]["num_val_images"] == 1
+    assert job["result"]["metrics"]["test"]["num_images"] == 1
+
+
+def test_yolo_label_outside_the_image_is_a_400_naming_file_and_line(client: Any, voc_dir: Path) -> None:
+    from tests.export_layouts import yolo_seg_zip
+
+    data = yolo_seg_zip(voc_dir, {"valid/labels/voc_2.txt": b"0 0.1 0.1 0.5 0.1 0.5 0.5\n2 0.1 0.1 1.2 0.1 0.5 0.5\n"})
+    err = assert_error(post_finetune(client, data), 400, "invalid_yolo", "valid/labels/voc_2.txt: line 2")
+    assert err["details"][0]["file"] == "valid/labels/voc_2.txt"
+    outside = yolo_seg_zip(voc_dir, {"data.yaml": b"train: ../../x/images\nnames: [a]\n"})
+    assert_error(post_finetune(client, outside), 400, "yolo_path_outside", "outside the zip")
