@@ -394,6 +394,12 @@ def mean_spread(values: list[float | None]) -> str:
     return f"{pct(statistics.mean(vals))} ± {100 * (max(vals) - min(vals)) / 2:.1f}"
 
 
+def cpu_of(run: dict[str, Any]) -> str:
+    """The CPU a run trained on, as the table names it. Runs from before `isa` was recorded (commit 55fb521
+    and earlier) ran on an AMD EPYC without AVX-512 (bench/results/real_profile.txt's machine)."""
+    return {"avx512": "EPYC/AVX-512", "avx2": "EPYC/AVX2"}.get(run["machine"].get("isa", "avx2"), run["machine"]["cpu"])
+
+
 def report(runs: list[dict[str, Any]]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "real.json").write_text(json.dumps({"runs": runs}, indent=1))
@@ -405,28 +411,32 @@ def report(runs: list[dict[str, Any]]) -> None:
              "mean ± half-range over seeds where there are several. Selection on val only.", ""]
     if runs:
         m = runs[-1]["machine"]
-        lines += [f"Machine: {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch']} on "
-                  f"{THREADS} threads; each row names the commit its runs were made at, and under `set` what a K-Net "
-                  "run set on top of that commit's defaults (UPLVP_BENCH_OVERRIDES).", ""]
+        lines += [f"Machines: {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch']} on {THREADS} threads. "
+                  "Two kinds of CPU ran these rows, and the `cpu` column says which: EPYC/AVX2 (no AVX-512) and "
+                  "EPYC/AVX-512, on which the same training step is about 2x faster, so a 10-minute budget trains "
+                  "about twice as many steps. Seeds are pooled only within one kind of CPU, and arms compare only "
+                  "within it. Each row names the commit its runs were made at, and under `set` what a K-Net run set "
+                  "on top of that commit's defaults (UPLVP_BENCH_OVERRIDES).", ""]
     lines += ["Columns: test mask AP / AP50 / AP75; `val AP` is the selected checkpoint's AP on the selection split "
               "(never test); `maxDets` is the detections per image COCOeval counted on test (COCO's 100, raised to "
               "the densest test image's instance count).", "",
-              "| dataset | L | arm | seeds | budget (min) | mask AP | AP50 | AP75 | val AP | maxDets | train img/s | commit "
-              "| set |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| dataset | L | arm | cpu | seeds | budget (min) | mask AP | AP50 | AP75 | val AP | maxDets | train img/s "
+              "| commit | set |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, size), arms in sorted(groups.items()):
         for arm in ARMS:
-            rs = arms.get(arm)
-            if not rs:
-                continue
-            ips = [r["images_per_s"] for r in rs if r.get("images_per_s")]
-            cells = [mean_spread([r["test"]["segm"][k] for r in rs]) for k in ("AP", "AP50", "AP75")]
-            vals = [r["val"]["AP"] for r in rs if (r.get("val") or {}).get("AP") is not None]
-            cells.append(mean_spread(vals) if len(vals) == len(rs) else "–")
-            cells.append(str(rs[0]["test"].get("max_dets", "–")))
-            lines.append(f"| {ds} | {size} | {arm} | {len(rs)} | {rs[0]['budget_min']:g} | {' | '.join(cells)} | "
-                         f"{f'{statistics.median(ips):.2f}' if ips else '–'} | "
-                         f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} | {overrides_of(rs[0])} |")
+            by_cpu: dict[str, list[dict]] = {}
+            for r in arms.get(arm, []):
+                by_cpu.setdefault(cpu_of(r), []).append(r)
+            for cpu, rs in sorted(by_cpu.items()):
+                ips = [r["images_per_s"] for r in rs if r.get("images_per_s")]
+                cells = [mean_spread([r["test"]["segm"][k] for r in rs]) for k in ("AP", "AP50", "AP75")]
+                vals = [r["val"]["AP"] for r in rs if (r.get("val") or {}).get("AP") is not None]
+                cells.append(mean_spread(vals) if len(vals) == len(rs) else "–")
+                cells.append(str(rs[0]["test"].get("max_dets", "–")))
+                lines.append(f"| {ds} | {size} | {arm} | {cpu} | {len(rs)} | {rs[0]['budget_min']:g} | "
+                             f"{' | '.join(cells)} | {f'{statistics.median(ips):.2f}' if ips else '–'} | "
+                             f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} | {overrides_of(rs[0])} |")
     present = [a for a in ARMS if any(a in arms for arms in groups.values())]
     lines += ["", "Arms: " + "; ".join(f"`{a}` {ARM_NOTES[a]}" for a in present) + "."]
     lines += uplvp_summary(groups)
