@@ -40,7 +40,7 @@ def difference_hash(path: Path) -> int | None:
             small = im.convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.BILINEAR)
     except (OSError, ValueError, SyntaxError):
         return None
-    px = list(small.getdata())
+    px = list(small.tobytes())  # one byte per pixel, row by row
     bits = 0
     for row in range(HASH_SIZE):
         for col in range(HASH_SIZE):

@@ -145,8 +145,8 @@ def live_api(service_env: dict[str, str], celery_worker: Path) -> Iterator[str]:
 
     port = free_port()
     # webhooks off: the OpenAPI fuzzer's random webhook_url values must never be resolved or called
-    env = dict(os.environ, **service_env, UPLVP_RATE_JOBS_PER_HOUR="0", UPLVP_RATE_SEGMENT_PER_MIN="0",
-               UPLVP_WEBHOOK_SECRET="", UPLVP_WEBHOOK_ALLOW_PRIVATE="0")
+    env = {**os.environ, **service_env, "UPLVP_RATE_JOBS_PER_HOUR": "0", "UPLVP_RATE_SEGMENT_PER_MIN": "0",
+           "UPLVP_WEBHOOK_SECRET": "", "UPLVP_WEBHOOK_ALLOW_PRIVATE": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
