@@ -382,10 +382,11 @@ def _raise(problems: Problems | list[dict[str, str]]) -> None:
     raise DatasetError(items[0]["code"], f"{items[0]['file']}: {items[0]['problem']}{more}", items)
 
 
-def _discover(root: Path) -> tuple[str, dict[str, Path], list[str]]:
-    """(format, {"train"[, "val"][, "test"]: COCO file}, notes): which files are which split.
+def _discover(root: Path) -> tuple[str, dict[str, tuple[Path, dict]], list[str]]:
+    """(format, {"train"[, "val"][, "test"]: (COCO file, its parsed content)}, notes): which files are which split.
 
-    Converted formats (labelme, YOLO) are written as COCO files under `root` first.
+    Converted formats (labelme, YOLO) are written as COCO files under `root` first. Every file is parsed
+    once, here (they may be hundreds of MB).
     """
     jsons = sorted(p for p in root.rglob("*.json") if p.is_file() and not _hidden(p.relative_to(root)))
     coco: dict[Path, dict] = {}
@@ -406,7 +407,8 @@ def _discover(root: Path) -> tuple[str, dict[str, Path], list[str]]:
         converted = yolo_to_coco(root, found[0], found[1], problems, notes)
         if problems:
             _raise(problems)
-        return "yolo", write_converted(root, converted), notes
+        paths = write_converted(root, converted)
+        return "yolo", {split: (paths[split], converted[split]) for split in converted}, notes
     if not jsons:
         raise DatasetError("no_annotations", "the zip has no annotations JSON nor a YOLO data.yaml: add a COCO "
                            "instances file (e.g. annotations.json) next to the images, or upload a Roboflow COCO "
@@ -417,7 +419,7 @@ def _discover(root: Path) -> tuple[str, dict[str, Path], list[str]]:
             raise DatasetError("invalid_labelme", f"{found_problems[0]['file']}: {found_problems[0]['problem']}"
                                + (f" (and {len(found_problems) - 1} more)" if len(found_problems) > 1 else ""),
                                found_problems[:MAX_PROBLEMS])
-        return "labelme", {"train": converted}, []
+        return "labelme", {"train": (converted, json.loads(converted.read_bytes()))}, []
     if not coco:
         first = rejected[0]
         raise DatasetError("not_coco", f"{first['file']}: {first['problem']}; the zip needs a COCO instances JSON "
@@ -429,14 +431,14 @@ def _discover(root: Path) -> tuple[str, dict[str, Path], list[str]]:
             raise DatasetError("no_train_split", "this Roboflow export has " + " and ".join(
                 f"{rel[p].rsplit('/', 1)[0]}/" for p in roboflow.values()) + " but no train/_annotations.coco.json: "
                 "export the train split too (the model learns from it; valid picks the checkpoint, test scores it)")
-        dropped = normalise(roboflow)
+        dropped = normalise(roboflow, {split: coco[path] for split, path in roboflow.items()})
         notes = ["area recomputed from the masks (Roboflow writes the box's area)"]
         if dropped:
             notes.insert(0, f"dropped the unused category {', '.join(repr(d) for d in dropped)} (Roboflow's dataset "
                          "name, the supercategory of the classes)")
-        return "roboflow", roboflow, notes
+        return "roboflow", {split: (path, coco[path]) for split, path in roboflow.items()}, notes
     if len(coco) == 1:
-        return "coco", {"train": next(iter(coco))}, []
+        return "coco", {"train": next(iter(coco.items()))}, []
     by_split = {split: [p for p in coco if split in p.name.lower()] for split in ("train", "val", "test")}
     if len(coco) > 3 or any(len(v) > 1 for v in by_split.values()) or len(by_split["train"]) != 1 \
             or sum(map(len, by_split.values())) != len(coco):
@@ -444,15 +446,15 @@ def _discover(root: Path) -> tuple[str, dict[str, Path], list[str]]:
         raise DatasetError("ambiguous_annotations", f"the zip has {len(coco)} COCO files ({names}); keep one, "
                            "or name them *train*.json and *val*.json (and optionally *test*.json), or upload a "
                            "Roboflow COCO export as it is (train/, valid/, test/)")
-    return "coco", {split: files[0] for split, files in by_split.items() if files}, []
+    return "coco", {split: (files[0], coco[files[0]]) for split, files in by_split.items() if files}, []
 
 
 def inspect_dataset(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DatasetLayout:
     """Find and check the annotations and images of an extracted dataset (any of the accepted formats)."""
     root = Path(root).resolve()
     fmt, found, notes = _discover(root)
-    splits = {split: found[split] for split in ("train", "val", "test") if split in found}
-    raws = {split: json.loads(path.read_bytes()) for split, path in splits.items()}
+    splits = {split: found[split][0] for split in ("train", "val", "test") if split in found}
+    raws = {split: found[split][1] for split in splits}
     problems: list[dict[str, str]] = []
     image_roots: dict[str, Path] = {}
     counts: dict[str, int] = {}

@@ -46,9 +46,9 @@ def dataset_categories(raws: list[dict[str, Any]]) -> set[int]:
             and any(o.get("supercategory") == c.get("name") and o.get("id") != c.get("id") for o in cats)}
 
 
-def normalise(splits: dict[str, Path]) -> list[str]:
-    """Rewrite the split files as plain COCO (see the module doc); returns the names of the dropped categories."""
-    raws = {split: json.loads(path.read_bytes()) for split, path in splits.items()}
+def normalise(splits: dict[str, Path], raws: dict[str, dict[str, Any]]) -> list[str]:
+    """Make the split files plain COCO (see the module doc): `raws` (each split's parsed file) are changed in
+    place and written back to `splits`' paths. Returns the names of the dropped categories."""
     drop = dataset_categories(list(raws.values()))
     dropped = sorted({c["name"] for raw in raws.values() for c in raw["categories"]
                       if isinstance(c, dict) and c.get("id") in drop})
