@@ -298,14 +298,13 @@ def _find_image_root(ann: Path, raw: dict, root: Path) -> Path:
     return best
 
 
-def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: list[dict[str, str]],
+def _check_coco(ann: Path, raw: dict, image_root: Path, root: Path, problems: Problems,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-    """Append schema/reference problems; returns the number of annotations."""
+    """Add the file's schema/reference problems to `problems`; returns the number of annotations."""
     fname = str(ann.relative_to(root))
 
     def add(code: str, msg: str) -> None:
-        if len(problems) < MAX_PROBLEMS:
-            problems.append({"file": fname, "code": code, "problem": msg})
+        problems.add(fname, code, msg)
 
     cat_ids: set[int] = set()
     cat_names: set[str] = set()
@@ -455,7 +454,7 @@ def inspect_dataset(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
     fmt, found, notes = _discover(root)
     splits = {split: found[split][0] for split in ("train", "val", "test") if split in found}
     raws = {split: found[split][1] for split in splits}
-    problems: list[dict[str, str]] = []
+    problems = Problems()
     image_roots: dict[str, Path] = {}
     counts: dict[str, int] = {}
     for split, path in splits.items():
@@ -466,10 +465,10 @@ def inspect_dataset(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
         if split in raws:
             extra = [c.get("name") for c in raws[split]["categories"]
                      if isinstance(c, dict) and c.get("name") not in train_names]
-            if extra and len(problems) < MAX_PROBLEMS:
-                problems.append({"file": str(splits[split].relative_to(root)), "code": "invalid_coco",
-                                 "problem": f"has categories that train does not: {extra[:10]}; the model can only "
-                                 "learn the classes of its training split"})
+            if extra:
+                problems.add(str(splits[split].relative_to(root)), "invalid_coco",
+                             f"has categories that train does not: {extra[:10]}; the model can only "
+                             "learn the classes of its training split")
     if problems:
         _raise(problems)
 

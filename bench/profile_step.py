@@ -32,7 +32,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     ap.add_argument("--set", default="{}", help="JSON of FinetuneParams fields on top of the recipe")
     ap.add_argument("--profile-steps", type=int, default=8, help="steps under torch.profiler (0: none)")
-    ap.add_argument("--channels-last", action="store_true", help="weights and images in channels_last memory format")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="weights and images in the default memory format (training steps run in channels_last)")
     args = ap.parse_args()
 
     import torch
@@ -51,14 +52,14 @@ def main() -> int:
     mcfg = params.model_config(len(ann.categories), max_instances(ann))
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
     model.train()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    fmt = torch.contiguous_format if args.contiguous else torch.channels_last  # as models.engine.train
     model.to(memory_format=fmt)
     train_set = CocoDataset(ann, params.transform(train=True).with_size(tcfg.short_side, tcfg.max_long_side),
                             train=True)
     opt = build_optimizer(model, tcfg)
     trainable = [p for g in opt.param_groups for p in g["params"]]
     print(f"image size {tcfg.short_side}/{tcfg.max_long_side}, kernels {mcfg.num_kernels}, batch {tcfg.batch_size}, "
-          f"threads {args.threads}, workers {args.workers}, set {args.set}, channels_last {args.channels_last}", flush=True)
+          f"threads {args.threads}, workers {args.workers}, set {args.set}, channels_last {not args.contiguous}", flush=True)
 
     def batches():
         epoch = 0

@@ -400,12 +400,27 @@ def cpu_of(run: dict[str, Any]) -> str:
     return {"avx512": "EPYC/AVX-512", "avx2": "EPYC/AVX2"}.get(run["machine"].get("isa", "avx2"), run["machine"]["cpu"])
 
 
+Groups = dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]]
+
+
+def group_runs(runs: list[dict[str, Any]]) -> Groups:
+    """The runs by (dataset, L, cpu), then by arm: arms compare, and seeds pool, only within one kind of CPU."""
+    groups: Groups = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], str(r["L"]), cpu_of(r)), {}).setdefault(r["arm"], []).append(r)
+    return groups
+
+
+def level_of(groups: Groups) -> dict[tuple[str, str, str], str]:
+    """Each group's L as the targets read it: "L = 100 (or all, if fewer)", so a dataset's L=all group counts as
+    its L = 100 one when it has none on that CPU."""
+    return {k: "100" if k[1] == "all" and (k[0], "100", k[2]) not in groups else k[1] for k in groups}
+
+
 def report(runs: list[dict[str, Any]]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "real.json").write_text(json.dumps({"runs": runs}, indent=1))
-    groups: dict[tuple, dict[str, list[dict]]] = {}
-    for r in runs:
-        groups.setdefault((r["dataset"], str(r["L"])), {}).setdefault(r["arm"], []).append(r)
+    groups = group_runs(runs)
     lines = ["# Real low-data benchmark (bench/real.py)", "",
              "Test-split pycocotools segm metrics (%), equal wall-clock training budget per arm, 2 threads; "
              "mean ± half-range over seeds where there are several. Selection on val only.", ""]
@@ -423,12 +438,9 @@ def report(runs: list[dict[str, Any]]) -> None:
               "| dataset | L | arm | cpu | seeds | budget (min) | mask AP | AP50 | AP75 | val AP | maxDets | train img/s "
               "| commit | set |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (ds, size), arms in sorted(groups.items()):
+    for (ds, size, cpu), arms in sorted(groups.items()):
         for arm in ARMS:
-            by_cpu: dict[str, list[dict]] = {}
-            for r in arms.get(arm, []):
-                by_cpu.setdefault(cpu_of(r), []).append(r)
-            for cpu, rs in sorted(by_cpu.items()):
+            if rs := arms.get(arm, []):
                 ips = [r["images_per_s"] for r in rs if r.get("images_per_s")]
                 cells = [mean_spread([r["test"]["segm"][k] for r in rs]) for k in ("AP", "AP50", "AP75")]
                 vals = [r["val"]["AP"] for r in rs if (r.get("val") or {}).get("AP") is not None]
@@ -439,13 +451,14 @@ def report(runs: list[dict[str, Any]]) -> None:
                              f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} | {overrides_of(rs[0])} |")
     present = [a for a in ARMS if any(a in arms for arms in groups.values())]
     lines += ["", "Arms: " + "; ".join(f"`{a}` {ARM_NOTES[a]}" for a in present) + "."]
+    lines += recipe_summary(groups)
     lines += uplvp_summary(groups)
     lines += ["", "Per category (test mask AP %, first seed):", ""]
-    for (ds, size), arms in sorted(groups.items()):
+    for (ds, size, cpu), arms in sorted(groups.items()):
         for arm in ARMS:
             if arms.get(arm):
                 per = arms[arm][0]["test"].get("per_category", {})
-                lines.append(f"- {ds} L={size} {arm}: " + ", ".join(f"{k} {pct(v)}" for k, v in per.items()))
+                lines.append(f"- {ds} L={size} {arm} ({cpu}): " + ", ".join(f"{k} {pct(v)}" for k, v in per.items()))
     (OUT / "real.md").write_text("\n".join(lines) + "\n")
     plot(groups)
     print("\n".join(lines))
@@ -461,16 +474,40 @@ def mean_test_ap(rs: list[dict[str, Any]]) -> float:
     return statistics.mean(r["test"]["segm"]["AP"] or 0.0 for r in rs)
 
 
-def uplvp_summary(groups: dict[tuple, dict[str, list[dict]]]) -> list[str]:
-    """Issue 14's targets from the rows there are, per UPLVP arm: its mean test AP over the datasets that
-    also have a vanilla K-Net row (ratio per L), on how many of them it reaches vanilla's final AP in at
-    most half of vanilla's fine-tuning minutes, and on how many it is >= Mask R-CNN."""
+def recipe_summary(groups: Groups) -> list[str]:
+    """Issue 13's targets from the rows there are, per kind of CPU and L: the recipe's K-Net against YOLO, Mask
+    R-CNN and the old defaults on the datasets where both arms have rows (means over seeds, then datasets)."""
     out: list[str] = []
-    # "L = 100 (or all, if fewer)": a dataset's L=all row counts as its L = 100 row when it has none
-    level = {k: "100" if k[1] == "all" and (k[0], "100") not in groups else k[1] for k in groups}
+    level = level_of(groups)
+    for cpu in sorted({k[2] for k in groups}):
+        for size in sorted({level[k] for k in groups if k[2] == cpu}):
+            here = [(k[0], g) for k, g in sorted(groups.items()) if k[2] == cpu and level[k] == size and "knet" in g]
+            parts = []
+            for peer, metric in (("yolo", "AP"), ("maskrcnn", "AP"), ("knet_old", "AP50")):
+                both = [(ds, g) for ds, g in here if peer in g]
+                if not both:
+                    continue
+                ours = [statistics.mean(r["test"]["segm"][metric] or 0.0 for r in g["knet"]) for _, g in both]
+                theirs = [statistics.mean(r["test"]["segm"][metric] or 0.0 for r in g[peer]) for _, g in both]
+                wins = sum(a >= b for a, b in zip(ours, theirs))
+                ratio = statistics.mean(ours) / statistics.mean(theirs) if statistics.mean(theirs) >= 0.01 else None  # not of ~0
+                parts.append(f"vs `{peer}` ({metric}): >= on {wins} of {len(both)}, mean {pct(statistics.mean(ours))} "
+                             f"vs {pct(statistics.mean(theirs))}" + (f" ({ratio:.2f}x)" if ratio else ""))
+            if parts:
+                out.append(f"- {cpu}, L={size}{' (or all)' if size == '100' else ''}: `knet` " + "; ".join(parts) + ".")
+    return ["", "The recipe against the other arms (same CPU, same L, datasets where both have rows):", ""] + out if out else []
+
+
+def uplvp_summary(groups: Groups) -> list[str]:
+    """Issue 14's targets from the rows there are, per UPLVP arm and kind of CPU: its mean test AP over the
+    datasets that also have a vanilla K-Net row (ratio per L), on how many of them it reaches vanilla's final
+    AP in at most half of vanilla's fine-tuning minutes, and on how many it is >= Mask R-CNN."""
+    out: list[str] = []
+    level = level_of(groups)
     for arm in [a for a in ARMS if a.startswith("uplvp")]:
-        for size in sorted(set(level.values())):
-            both = [(k[0], g) for k, g in sorted(groups.items()) if level[k] == size and arm in g and "knet" in g]
+        for cpu, size in sorted({(k[2], level[k]) for k in groups}):
+            both = [(k[0], g) for k, g in sorted(groups.items())
+                    if k[2] == cpu and level[k] == size and arm in g and "knet" in g]
             if not both:
                 continue
             ours = statistics.mean(mean_test_ap(g[arm]) for _, g in both)
@@ -483,14 +520,14 @@ def uplvp_summary(groups: dict[tuple, dict[str, list[dict]]]) -> list[str]:
             vs_mrcnn = [(ds, g) for ds, g in both if "maskrcnn" in g]
             wins = sum(mean_test_ap(g[arm]) >= mean_test_ap(g["maskrcnn"]) for _, g in vs_mrcnn)
             ratio = f"{ours / vanilla:.2f}x" if vanilla > 0 else "–"
-            out.append(f"- `{arm}` at L={size}{' (or all)' if size == '100' else ''}, {len(both)} dataset(s) with a knet row "
-                       f"({', '.join(ds for ds, _ in both)}): mean AP {pct(ours)} vs vanilla {pct(vanilla)} ({ratio}); "
-                       f"reaches vanilla's final AP within half its minutes on {fast} of {len(both)}; "
-                       f">= Mask R-CNN on {wins} of {len(vs_mrcnn)}.")
+            out.append(f"- `{arm}` on {cpu} at L={size}{' (or all)' if size == '100' else ''}, {len(both)} dataset(s) "
+                       f"with a knet row ({', '.join(ds for ds, _ in both)}): mean AP {pct(ours)} vs vanilla "
+                       f"{pct(vanilla)} ({ratio}); reaches vanilla's final AP within half its minutes on {fast} of "
+                       f"{len(both)}; >= Mask R-CNN on {wins} of {len(vs_mrcnn)}.")
     return ["", "UPLVP against vanilla K-Net (first seed for the curves):", ""] + out if out else []
 
 
-def plot(groups: dict[tuple, dict[str, list[dict]]]) -> None:
+def plot(groups: Groups) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -499,7 +536,7 @@ def plot(groups: dict[tuple, dict[str, list[dict]]]) -> None:
     keys = sorted(groups)
     if not keys:
         return
-    cols = min(3, len(keys))
+    cols = min(4, len(keys))
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     colours = dict(zip(ARMS, (f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink",
@@ -513,7 +550,7 @@ def plot(groups: dict[tuple, dict[str, list[dict]]]) -> None:
                 else:  # YOLO keeps no per-evaluation weights: its final point
                     ax.plot([r["train_minutes"]], [100 * (r["test"]["segm"]["AP"] or 0)], marker="*", ms=10,
                             ls="", label=arm, color=colours[arm])
-        ax.set_title(f"{key[0]} L={key[1]}")
+        ax.set_title(f"{key[0]} L={key[1]} ({key[2]})")
         ax.set_xlabel("fine-tuning minutes (pre-training not included)")
         ax.set_ylabel("test mask AP (%)")
         ax.grid(alpha=0.3)
