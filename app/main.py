@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -15,6 +17,7 @@ from app.core.security import parse_api_keys
 from app.metrics import ApiMetrics, RequestMetrics
 from app.registry import from_settings
 from app.schemas import ErrorResponse
+from app.webhooks import start_dispatcher
 
 STATIC = Path(__file__).parent / "static"
 DESCRIPTION = """Fine-tune K-Net instance-segmentation models on small COCO datasets and serve them.
@@ -38,7 +41,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     parse_api_keys(settings.api_keys.get_secret_value())  # a malformed UPLVP_API_KEYS stops the start, naming why
     # The body cap streams: an over-size upload is refused with 413 while it arrives, not after.
     max_body = int(settings.max_upload_mb * 2**20) + 2**20  # + multipart overhead and form fields
-    app = FastAPI(title="uplvp", version="0.1.0", description=DESCRIPTION, max_body_size=max_body,
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        start_dispatcher(app.state.registry)  # webhook events of jobs that ended anywhere (app/webhooks.py)
+        yield
+
+    app = FastAPI(title="uplvp", version="0.1.0", description=DESCRIPTION, max_body_size=max_body, lifespan=lifespan,
                   responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
                              403: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
                              429: {"model": ErrorResponse}})

@@ -10,6 +10,8 @@ Keys (prefix ``uplvp:``):
   ``model:{name}:v:{n}`` hash: one version; ``model:{name}:aliases`` hash (alias -> version);
   ``model:{name}:seq`` counter for version numbers.
 - ``worker:{hostname}`` string with expiry: worker heartbeats (readiness).
+- ``webhooks:due`` zset (delivery id -> when due) and ``webhook:{delivery id}`` hash: the webhook outbox
+  (app/webhooks.py).
 
 State changes that race (start vs cancel) are Lua scripts, so they are atomic in Redis.
 """

@@ -59,9 +59,11 @@ _stop = threading.Event()
 
 def _heartbeat_loop(hostname: str) -> None:
     from app.registry import from_settings
+    from app.webhooks import start_dispatcher
 
     s = get_settings()
     registry = from_settings(s)
+    start_dispatcher(registry)  # webhook events whose process died are delivered from here too
     tasks = {"finetune": FINETUNE_TASK, "pretrain": PRETRAIN_TASK}
     while not _stop.is_set():
         try:

@@ -1,10 +1,14 @@
-"""Webhooks (app/webhooks.py): the SSRF rules, the signature, retries, and a real receiver on loopback
-getting the signed POST of a finished, a failed and a cancelled job."""
+"""Webhooks (app/webhooks.py): the SSRF rules, the signature, the Redis outbox's retries and its recovery of
+an event whose process was killed mid-delivery, and a real receiver on loopback getting the signed POST of a
+finished, a failed and a cancelled job."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -14,10 +18,12 @@ import pytest
 from app.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
+    EVENT_KEY,
+    OUTBOX,
     SIGNATURE_HEADER,
+    Dispatcher,
     WebhookRefused,
     check_url,
-    deliver,
     sign,
     verify,
 )
@@ -30,7 +36,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
-        self.statuses: list[int] = []  # answered in order; 200 once they run out
+        self.statuses: list[int] = []  # answered in order; 200 once they run out; 0: hold the call 5 s, then 200
         self.lock = threading.Lock()
         receiver = self
 
@@ -40,6 +46,9 @@ class Receiver:
                 with receiver.lock:
                     receiver.received.append({"path": self.path, "headers": dict(self.headers), "body": body})
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
+                if status == 0:
+                    time.sleep(5)
+                    status = 200
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -93,28 +102,93 @@ def test_public_and_opted_in_private_addresses_pass() -> None:
     assert check_url("http://127.0.0.1:9/hook", allow_private=True) == "http://127.0.0.1:9/hook"
 
 
-def test_delivery_retries_transient_failures_only(receiver: Receiver) -> None:
+@pytest.fixture()
+def outbox(settings: Any, tmp_path: Any) -> Iterator[Any]:
+    """A registry on a Redis database of its own (the outbox and the jobs of these tests only)."""
+    from app.registry import Registry, connect
+
+    r = connect(settings.redis_url.rsplit("/", 1)[0] + "/8")
+    r.flushdb()
+    yield Registry(r, tmp_path)
+    r.flushdb()
+
+
+def _job(registry: Any, job_id: str) -> dict[str, Any]:
+    registry.create_job(job_id, "hooks", {}, {}, None, webhook_url="http://127.0.0.1:9/x")
+    registry.start_job(job_id)
+    registry.finish_job(job_id, "succeeded")
+    return registry.get_job(job_id)
+
+
+def _drain(d: Dispatcher, delivery_id: str, timeout_s: float = 10) -> None:
+    """Run the dispatcher until the event has left the outbox (delivered or given up)."""
+    deadline = time.monotonic() + timeout_s
+    while d.registry.r.exists(EVENT_KEY + delivery_id) and time.monotonic() < deadline:
+        d.run_once()
+        time.sleep(0.005)
+    assert not d.registry.r.exists(EVENT_KEY + delivery_id) and d.registry.r.zcard(OUTBOX) == 0
+
+
+def test_delivery_retries_transient_failures_only(outbox: Any, receiver: Receiver) -> None:
+    d = Dispatcher(outbox, WEBHOOK_SECRET, attempts=4, backoff_s=0.01, allow_private=True)
+    job = _job(outbox, "j1")
     receiver.statuses = [503, 500]
-    job = {"id": "j1", "state": "succeeded"}
-    out = deliver(f"{receiver.url}/a", "job.succeeded", job, WEBHOOK_SECRET, attempts=4, backoff_s=0.01,
-                  allow_private=True)
-    assert (out.delivered, out.attempts, out.status) == (True, 3, 200)
+    _drain(d, d.enqueue(f"{receiver.url}/a", job))
+    assert outbox.get_job("j1")["webhook"] | {"finished_at": None} == {
+        "event": "job.succeeded", "delivered": True, "attempts": 3, "status": 200, "error": None, "finished_at": None}
     got = receiver.bodies("/a")
     assert len(got) == 3 and len({r["headers"][DELIVERY_HEADER] for r in got}) == 1  # one event, one delivery id
+    assert len({r["body"] for r in got}) == 1  # the body was fixed when the job ended
     for r in got:
         assert verify(r["body"], WEBHOOK_SECRET, r["headers"][SIGNATURE_HEADER])
-        assert r["headers"][EVENT_HEADER] == "job.succeeded" and json.loads(r["body"])["job"] == job
+        assert r["headers"][EVENT_HEADER] == "job.succeeded" and json.loads(r["body"])["job"]["id"] == "j1"
     receiver.statuses = [404]
-    out = deliver(f"{receiver.url}/b", "job.failed", job, WEBHOOK_SECRET, attempts=4, backoff_s=0.01,
-                  allow_private=True)
-    assert (out.delivered, out.attempts, out.status) == (False, 1, 404) and "404" in (out.error or "")
+    _drain(d, d.enqueue(f"{receiver.url}/b", job))
+    hook = outbox.get_job("j1")["webhook"]
+    assert (hook["delivered"], hook["attempts"], hook["status"]) == (False, 1, 404) and "404" in hook["error"]
     receiver.statuses = [500] * 10
-    out = deliver(f"{receiver.url}/c", "job.failed", job, WEBHOOK_SECRET, attempts=3, backoff_s=0.01,
-                  allow_private=True)
-    assert (out.delivered, out.attempts) == (False, 3)  # bounded
-    out = deliver("http://127.0.0.1:9/closed", "job.failed", job, WEBHOOK_SECRET, attempts=2, backoff_s=0.01,
-                  allow_private=False)
-    assert (out.delivered, out.attempts) == (False, 1) and "127.0.0.1" in (out.error or "")  # re-checked: refused
+    _drain(d, d.enqueue(f"{receiver.url}/c", job))
+    hook = outbox.get_job("j1")["webhook"]
+    assert (hook["delivered"], hook["attempts"], hook["status"]) == (False, 4, 500) and len(receiver.bodies("/c")) == 4
+    guarded = Dispatcher(outbox, WEBHOOK_SECRET, attempts=4, backoff_s=0.01, allow_private=False)
+    _drain(guarded, guarded.enqueue("http://127.0.0.1:9/closed", job))
+    hook = outbox.get_job("j1")["webhook"]
+    assert (hook["delivered"], hook["attempts"]) == (False, 1) and "127.0.0.1" in hook["error"]  # re-checked: refused
+
+
+def test_an_event_whose_process_is_killed_mid_delivery_is_sent_again(outbox: Any, receiver: Receiver,
+                                                                       settings: Any, tmp_path: Any) -> None:
+    """The outbox's lease: a dispatcher SIGKILLed while its POST is in flight loses nothing; another
+    process delivers the event (same delivery id, same body) once the claim's lease has run out."""
+    d = Dispatcher(outbox, WEBHOOK_SECRET, attempts=4, backoff_s=0.01, allow_private=True, lease_s=1.0)
+    delivery_id = d.enqueue(f"{receiver.url}/k", _job(outbox, "killed"))
+    receiver.statuses = [0]  # the first call hangs: its sender is killed meanwhile
+    url = settings.redis_url.rsplit("/", 1)[0] + "/8"
+    code = ("from app.registry import Registry, connect; from app.webhooks import Dispatcher; "
+            f"Dispatcher(Registry(connect({url!r}), {str(tmp_path)!r}), {WEBHOOK_SECRET!r}, attempts=4, "
+            "backoff_s=0.01, allow_private=True, lease_s=1.0).run_once()")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        _events(receiver, "/k", 1, timeout_s=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(receiver.bodies("/k")) == 1 and proc.returncode == -9
+    assert d.run_once() == 0  # still claimed: nobody sends it twice at once
+    time.sleep(1.1)
+    _drain(d, delivery_id)
+    got = receiver.bodies("/k")
+    assert len(got) == 2 and got[0]["body"] == got[1]["body"]
+    assert got[0]["headers"][DELIVERY_HEADER] == got[1]["headers"][DELIVERY_HEADER] == delivery_id
+    assert outbox.get_job("killed")["webhook"]["delivered"]
+
+
+def test_a_deleted_jobs_event_does_not_bring_its_record_back(outbox: Any, receiver: Receiver) -> None:
+    d = Dispatcher(outbox, WEBHOOK_SECRET, attempts=2, backoff_s=0.01, allow_private=True)
+    delivery_id = d.enqueue(f"{receiver.url}/gone", _job(outbox, "gone"))
+    outbox.r.delete("uplvp:job:gone")
+    _drain(d, delivery_id)
+    assert len(receiver.bodies("/gone")) == 1 and not outbox.r.exists("uplvp:job:gone")
 
 
 def test_every_way_a_job_ends_calls_the_hook(settings: Any, tmp_path: Any) -> None:
