@@ -27,10 +27,13 @@ Arms, one after another in the same run, each for the same wall-clock training b
 Learning curves: every evaluation's weights are kept and scored on test after the run (outside
 its budget), so test AP can be drawn against training minutes; selection never sees test.
 
-Each arm runs in its own process and writes runs/bench/real/<run>/result.json; finished arms are
+Each arm runs in its own process and writes runs/bench/real/<run>/result.json, the run's name ending
+in this machine's kind of CPU (arms compare only within one kind); finished arms of this kind are
 skipped when the script is started again, and an interrupted K-Net / Mask R-CNN arm resumes from
-its checkpoint with the time it had already spent (resumable per arm):
+its checkpoint with the time it had already spent (resumable per arm). runs/ is not in git: on a
+fresh checkout `--restore bench/results/real.json` puts the committed runs back first.
 
+    .venv/bin/python bench/real.py --restore bench/results/real.json --dry-run   # what is missing here
     nohup .venv/bin/python bench/real.py > runs/bench/real.log 2>&1 &
     .venv/bin/python bench/real.py --datasets balloon --sizes 25 --seeds 0 1 --arms knet yolo
     .venv/bin/python bench/real.py --report-only     # bench/results/real.{json,md,png}
@@ -54,7 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATA, RESULTS, ROOT, machine  # noqa: E402
+from bench.common import DATA, RESULTS, ROOT, cpu_isa, machine  # noqa: E402
 
 WORK = Path(os.environ.get("UPLVP_BENCH_WORK", ROOT / "runs" / "bench" / "real"))  # another folder: probes
 # the committed report comes from the default folder; a probe's report stays beside its runs
@@ -88,8 +91,26 @@ OLD_DEFAULTS: dict[str, Any] = dict(lr=1e-4, image_size=384, max_size=640, warmu
                                     rescore=False, nms=False, keep_best=False)
 
 
-def run_name(dataset: str, size: int | str, seed: int, arm: str) -> str:
-    return f"{dataset}_L{size}_s{seed}_{arm}"
+ISA = cpu_isa() or "other"  # this machine's kind of CPU (bench.common.cpu_isa)
+
+
+def run_name(dataset: str, size: int | str, seed: int, arm: str, isa: str = ISA) -> str:
+    """A run's folder. The CPU kind is part of it: arms compare only within one kind (cpu_of), so a run made
+    on another kind of machine does not stand in for this one's, and resuming skips only this kind's runs."""
+    return f"{dataset}_L{size}_s{seed}_{arm}_{isa}"
+
+
+def restore(results: Path) -> int:
+    """Put the runs of a report's JSON (e.g. the committed bench/results/real.json) back as result files
+    under WORK (runs/ is not in git), so that resuming and the report see them; returns how many were new."""
+    new = 0
+    for r in json.loads(results.read_text())["runs"]:
+        out = WORK / run_name(r["dataset"], r["L"], r["seed"], r["arm"], r["machine"].get("isa", "avx2"))
+        if not (out / "result.json").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "result.json").write_text(json.dumps(r, indent=1))
+            new += 1
+    return new
 
 
 # --------------------------------------------------------------------------- data
@@ -249,7 +270,7 @@ def pretrain_once(files: dict[str, Path], params: Any, train_ann: Any, budget_mi
 
     from models.pipeline import max_instances, run_uplvp_pretraining
 
-    work = WORK / "pretrain" / f"{files['train'].parent.name}_{params.proposal_engine}"
+    work = WORK / "pretrain" / f"{files['train'].parent.name}_{params.proposal_engine}_{ISA}"
     done = work / "done.json"
     if done.is_file():
         return work / "pretrain.pt", json.loads(done.read_text())
@@ -569,32 +590,39 @@ def main() -> int:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--budget", type=float, default=10.0, help="training minutes per arm")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--restore", type=Path, metavar="REAL_JSON",
+                   help="first put this report JSON's runs back as result files (e.g. bench/results/real.json)")
+    p.add_argument("--dry-run", action="store_true", help="list the arms this machine would run, and run none")
     p.add_argument("--run-one", nargs=4, metavar=("DATASET", "L", "SEED", "ARM"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.run_one:
         ds, size, seed, arm = args.run_one
         run_one(ds, size, int(seed), arm, args.budget)
         return 0
+    if args.restore:
+        print(f"restored {restore(args.restore)} run(s) from {args.restore} into {WORK}")
     if not args.report_only:
         if not LOWDATA.is_dir():
             raise SystemExit(f"benchmark data not found at {LOWDATA} (set UPLVP_BENCH_DATA to the shared/data folder)")
+        todo = []
         for seed in args.seeds:
             for size in args.sizes:
                 for ds in args.datasets:
                     n_train = len(load_json(LOWDATA / ds / "annotations" / "train.json")["images"])
-                    if size != "all" and int(size) >= n_train:
-                        size_eff = "all"  # "L = 100 (or all, if fewer)"
-                    else:
-                        size_eff = size
-                    for arm in args.arms:
-                        name = run_name(ds, size_eff, seed, arm)
-                        if (WORK / name / "result.json").is_file():
-                            continue
-                        print(f"=== {name} ({args.budget:g} min)", flush=True)
-                        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-                        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--budget", str(args.budget),
-                                        "--run-one", ds, str(size_eff), str(seed), arm], cwd=ROOT, env=env,
-                                       check=False)
+                    size_eff = "all" if size != "all" and int(size) >= n_train else size  # "L = 100 (or all, if fewer)"
+                    todo += [(ds, size_eff, seed, arm) for arm in args.arms
+                             if not (WORK / run_name(ds, size_eff, seed, arm) / "result.json").is_file()]
+        if args.dry_run:
+            for t in todo:
+                print(run_name(*t))
+            # each arm: its budget, plus data preparation and the scoring of its evaluations on test (~2 min)
+            print(f"{len(todo)} arm(s) to run on this {ISA} machine, about {len(todo) * (args.budget + 2) / 60:.1f} h")
+            return 0
+        for ds, size_eff, seed, arm in todo:
+            print(f"=== {run_name(ds, size_eff, seed, arm)} ({args.budget:g} min)", flush=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--budget", str(args.budget),
+                            "--run-one", ds, str(size_eff), str(seed), arm], cwd=ROOT, env=env, check=False)
     report(collect())
     return 0
 
