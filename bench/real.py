@@ -472,6 +472,7 @@ def report(runs: list[dict[str, Any]]) -> None:
                              f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} | {overrides_of(rs[0])} |")
     present = [a for a in ARMS if any(a in arms for arms in groups.values())]
     lines += ["", "Arms: " + "; ".join(f"`{a}` {ARM_NOTES[a]}" for a in present) + "."]
+    lines += side_by_side(groups)
     lines += recipe_summary(groups)
     lines += uplvp_summary(groups)
     lines += ["", "Per category (test mask AP %, first seed):", ""]
@@ -493,6 +494,27 @@ def minutes_to_reach(curve: list[dict[str, Any]], target: float) -> float | None
 def mean_test_ap(rs: list[dict[str, Any]]) -> float:
     """The mean test mask AP of one arm's runs (its seeds)."""
     return statistics.mean(r["test"]["segm"]["AP"] or 0.0 for r in rs)
+
+
+def side_by_side(groups: Groups) -> list[str]:
+    """The same rows as one small table per kind of CPU and L: a dataset per row, an arm per column,
+    test mask AP / AP50 (mean over seeds; the seed count in brackets when there are several)."""
+    out: list[str] = []
+    level = level_of(groups)
+    for cpu, size in sorted({(k[2], level[k]) for k in groups}):
+        here = {k[0]: g for k, g in sorted(groups.items()) if k[2] == cpu and level[k] == size}
+        arms = [a for a in ARMS if any(a in g for g in here.values())]
+        out += ["", f"**{cpu}, L = {size}{' (or all)' if size == '100' else ''}** (test mask AP / AP50 %):", "",
+                "| dataset | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        for ds, g in here.items():
+            cells = []
+            for a in arms:
+                rs = g.get(a, [])
+                ap = statistics.mean(r["test"]["segm"]["AP"] or 0.0 for r in rs) if rs else None
+                ap50 = statistics.mean(r["test"]["segm"]["AP50"] or 0.0 for r in rs) if rs else None
+                cells.append("–" if not rs else f"{pct(ap)} / {pct(ap50)}" + (f" ({len(rs)})" if len(rs) > 1 else ""))
+            out.append(f"| {ds} | " + " | ".join(cells) + " |")
+    return out
 
 
 def recipe_summary(groups: Groups) -> list[str]:
