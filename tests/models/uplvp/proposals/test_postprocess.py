@@ -94,3 +94,25 @@ def test_normalized_cut_finds_the_objects_and_splits_them_into_parts(size):
 def test_normalized_cut_of_a_uniform_map_is_a_poor_cut():
     f = torch.ones(8, 10, 10) + 0.01 * torch.randn(8, 10, 10, generator=torch.Generator().manual_seed(0))
     assert all(q < 0.1 for _, q in normalized_cut_masks(f, cuts=2, tau=0.5))
+
+
+def test_grouped_segments_join_an_objects_parts_and_rank_objects_above_background():
+    from models.uplvp.proposals.postprocess import grouped_segments
+
+    # 64 x 64: background (0); object A in two colour segments (1 top, 2 bottom); object B one segment (3)
+    seg = np.zeros((64, 64), dtype=np.int64)
+    seg[16:32, 8:24], seg[32:48, 8:24], seg[16:48, 40:56] = 1, 2, 3
+    feats = torch.zeros(4, 8, 8)  # stride 8: what a CNN says of each cell
+    feats[0] = 1.0
+    feats[:, 2:6, 1:3] = torch.tensor([0.0, 1.0, 0.0, 0.0])[:, None, None]  # A's two parts look alike
+    feats[:, 2:6, 5:7] = torch.tensor([0.0, 0.0, 1.0, 0.0])[:, None, None]
+    objectness = 0.4 * (feats[1] + feats[2])  # the objects' cells stand out
+    masks, quality, weights = grouped_segments(seg, feats, objectness, max_area_frac=1.0)
+    assert masks.dtype == torch.bool and masks.shape[1:] == (64, 64) and weights.shape[1:] == (8, 8)
+    assert torch.all(quality[:-1] >= quality[1:])  # best first
+    groups = [sorted(set(seg[m.numpy()].tolist())) for m in masks]
+    assert groups[:2] == [[3], [1, 2]] or groups[:2] == [[1, 2], [3]]  # B, and A whole, before A's parts
+    assert quality[groups.index([1])] < quality[groups.index([1, 2])]
+    assert quality[groups.index([0])] == 0  # the background: no contrast, and it touches four sides
+    assert quality[groups.index([0, 1, 2, 3])] < quality[1] / 2  # everything at once: little contrast, four sides
+    assert grouped_segments(np.zeros((64, 64), dtype=np.int64), feats, objectness)[0].shape[0] == 0  # one segment
