@@ -13,7 +13,9 @@ An engine is a name, optionally with settings of its config after a colon (an ab
 
     python bench/proposals.py                      # all engines on coco128
     python bench/proposals.py --dataset coco_mini_train --engines offline   # the set defaults were chosen on
-    python bench/proposals.py --dataset lowdata --engines offline,maskcut,saliency,grid   # the six dev pools
+    python bench/proposals.py --dataset lowdata --engines offline maskcut saliency grid   # the six dev pools
+    python bench/proposals.py --dataset lowdata --engines maskcut maskcut:group_segments=true \
+        --report-name lowdata_grouping                                                   # an ablation, beside it
 """
 
 from __future__ import annotations
@@ -287,6 +289,8 @@ def main() -> None:
                    help="a dataset, or lowdata for all six dev pools")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--report-name", help="results as proposals_<name>.{json,md} (default: the dataset's name); "
+                                         "another name keeps an ablation's table beside the committed one")
     args = p.parse_args()
     if args.engine:
         return run_engine(args)
@@ -298,7 +302,7 @@ def main() -> None:
                     continue  # resumable: an engine already run on a dataset is not run again
                 subprocess.run([sys.executable, __file__, "--engine", e, "--dataset", d,
                                 "--threads", str(args.threads)], check=True)
-    report(datasets, args.engines, args.dataset)
+    report(datasets, args.engines, args.report_name or args.dataset)
 
 
 if __name__ == "__main__":
