@@ -392,7 +392,14 @@ def run_one(dataset: str, size: str, seed: int, arm: str, budget_min: float) -> 
 
 
 def collect() -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(WORK.glob("*/result.json"))]
+    """Every run under WORK, once: a run restored beside its folder of before (named without its CPU kind)
+    is the same run (same dataset, L, seed, arm, CPU kind and commit) and counts once."""
+    runs: dict[tuple, dict[str, Any]] = {}
+    for path in sorted(WORK.glob("*/result.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault((r["dataset"], str(r["L"]), r["seed"], r["arm"], r["machine"].get("isa", "avx2"),
+                         r["machine"]["commit"]), r)
+    return list(runs.values())
 
 
 def overrides_of(run: dict[str, Any]) -> str:
