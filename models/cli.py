@@ -63,7 +63,7 @@ def _add_proposal_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab", help="category names: 'coco' (the default), a file (one per line, JSON list or "
                    "COCO JSON), or 'cat,dog,...'")
     g.add_argument("--engine", default="offline", help="offline (default, no CLIP weights needed) | maskcut (offline "
-                   "+ normalized cuts) | self (--model's confident masks: self-training) | clip | grid | saliency")
+                   "+ normalized cuts + grouped segments) | self (--model's confident masks: self-training) | clip | grid | saliency")
     g.add_argument("--model", type=Path, help="self engine: a checkpoint fine-tuned on your labels (`uplvp "
                    "finetune`); its categories are the vocabulary")
     g.add_argument("--min-score", type=float, default=0.5, help="self engine: the score a mask needs")

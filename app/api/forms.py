@@ -58,7 +58,7 @@ def resolve_budget(training: dict[str, Any], default_min: float) -> dict[str, An
 
 def proposal_fields(
     proposal_engine: Annotated[Engine, Form(description="Masks Proposal engine: offline, maskcut (offline + "
-                                            "normalized cuts), self (POST /finetune only: a teacher fine-tuned "
+                                            "normalized cuts + grouped segments), self (POST /finetune only: a teacher fine-tuned "
                                             "on the labels proposes), clip (needs UPLVP_CLIP_PRETRAINED on the "
                                             "worker), grid or saliency")] = "offline",
     max_masks: Annotated[int, Form(ge=1, le=100, description="pseudo masks per image at most")] = 10,

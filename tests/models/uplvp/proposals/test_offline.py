@@ -117,7 +117,7 @@ def test_normalized_cuts_alone_are_an_engine_too(chelsea):
     from models.uplvp.proposals import build_engine
 
     engine = build_engine("maskcut", ["cat", "dog", "car", "person"])
-    engine.cfg = replace(engine.cfg, use_similarity=False, use_cam=False, energy_levels=())
+    engine.cfg = replace(engine.cfg, use_similarity=False, use_cam=False, energy_levels=(), group_segments=False)
     props = engine.propose(chelsea, 10)
     assert 1 <= len(props) <= 10 and all(p.mask.shape == (300, 451) for p in props)
     engine.cfg = replace(engine.cfg, ncut_cuts=0)
@@ -132,7 +132,7 @@ def test_grouped_segments_join_the_other_generators_and_propose_alone(chelsea, c
     from models.uplvp.proposals import build_engine
 
     engine = build_engine("maskcut", ["cat", "dog", "car", "person"])
-    engine.cfg = replace(engine.cfg, group_segments=True)
+    assert engine.cfg.group_segments  # the maskcut engine's default
     props = engine.propose(chelsea, 10)
     cats = [p for p in props if p.category == "cat"]
     assert cats and max((p.mask & cat_region).sum() / (p.mask | cat_region).sum() for p in cats) >= 0.5
