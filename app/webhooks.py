@@ -209,7 +209,7 @@ class Dispatcher:
         pipe.zrem(OUTBOX, delivery_id)
         pipe.delete(EVENT_KEY + delivery_id)
         pipe.execute()
-        if self.registry.r.exists(f"{P}job:{ev['job_id']}"):  # not a job deleted since: its record would come back
+        if r.exists(f"{P}job:{ev['job_id']}"):  # not a job deleted since: its record would come back
             self.registry.update_job(ev["job_id"], webhook=asdict(outcome))
         if not outcome.delivered:
             log.warning("webhook of job %s (%s) not delivered after %d attempt(s): %s", ev["job_id"], ev["event"],

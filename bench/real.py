@@ -105,7 +105,7 @@ def restore(results: Path) -> int:
     under WORK (runs/ is not in git), so that resuming and the report see them; returns how many were new."""
     new = 0
     for r in json.loads(results.read_text())["runs"]:
-        out = WORK / run_name(r["dataset"], r["L"], r["seed"], r["arm"], r["machine"].get("isa", "avx2"))
+        out = WORK / run_name(r["dataset"], r["L"], r["seed"], r["arm"], isa_of(r))
         if not (out / "result.json").is_file():
             out.mkdir(parents=True, exist_ok=True)
             (out / "result.json").write_text(json.dumps(r, indent=1))
@@ -397,8 +397,7 @@ def collect() -> list[dict[str, Any]]:
     runs: dict[tuple, dict[str, Any]] = {}
     for path in sorted(WORK.glob("*/result.json")):
         r = json.loads(path.read_text())
-        runs.setdefault((r["dataset"], str(r["L"]), r["seed"], r["arm"], r["machine"].get("isa", "avx2"),
-                         r["machine"]["commit"]), r)
+        runs.setdefault((r["dataset"], str(r["L"]), r["seed"], r["arm"], isa_of(r), r["machine"]["commit"]), r)
     return list(runs.values())
 
 
@@ -422,10 +421,15 @@ def mean_spread(values: list[float | None]) -> str:
     return f"{pct(statistics.mean(vals))} ± {100 * (max(vals) - min(vals)) / 2:.1f}"
 
 
+def isa_of(run: dict[str, Any]) -> str:
+    """The vector ISA of the CPU a run trained on. Runs from before `isa` was recorded (commit 55fb521 and
+    earlier) ran on an AMD EPYC without AVX-512 (bench/results/real_profile.txt's machine)."""
+    return run["machine"].get("isa", "avx2")
+
+
 def cpu_of(run: dict[str, Any]) -> str:
-    """The CPU a run trained on, as the table names it. Runs from before `isa` was recorded (commit 55fb521
-    and earlier) ran on an AMD EPYC without AVX-512 (bench/results/real_profile.txt's machine)."""
-    return {"avx512": "EPYC/AVX-512", "avx2": "EPYC/AVX2"}.get(run["machine"].get("isa", "avx2"), run["machine"]["cpu"])
+    """The CPU a run trained on, as the table names it."""
+    return {"avx512": "EPYC/AVX-512", "avx2": "EPYC/AVX2"}.get(isa_of(run), run["machine"]["cpu"])
 
 
 Groups = dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]]
@@ -498,9 +502,9 @@ def minutes_to_reach(curve: list[dict[str, Any]], target: float) -> float | None
     return next((c["minutes"] for c in curve if (c["test_AP"] or 0.0) >= target), None)
 
 
-def mean_test_ap(rs: list[dict[str, Any]]) -> float:
-    """The mean test mask AP of one arm's runs (its seeds)."""
-    return statistics.mean(r["test"]["segm"]["AP"] or 0.0 for r in rs)
+def mean_test(rs: list[dict[str, Any]], metric: str = "AP") -> float:
+    """The mean test mask `metric` (AP, AP50, ...) of one arm's runs (its seeds)."""
+    return statistics.mean(r["test"]["segm"][metric] or 0.0 for r in rs)
 
 
 def side_by_side(groups: Groups) -> list[str]:
@@ -517,9 +521,8 @@ def side_by_side(groups: Groups) -> list[str]:
             cells = []
             for a in arms:
                 rs = g.get(a, [])
-                ap = statistics.mean(r["test"]["segm"]["AP"] or 0.0 for r in rs) if rs else None
-                ap50 = statistics.mean(r["test"]["segm"]["AP50"] or 0.0 for r in rs) if rs else None
-                cells.append("–" if not rs else f"{pct(ap)} / {pct(ap50)}" + (f" ({len(rs)})" if len(rs) > 1 else ""))
+                cells.append("–" if not rs else f"{pct(mean_test(rs))} / {pct(mean_test(rs, 'AP50'))}"
+                             + (f" ({len(rs)})" if len(rs) > 1 else ""))
             out.append(f"| {ds} | " + " | ".join(cells) + " |")
     return out
 
@@ -537,12 +540,13 @@ def recipe_summary(groups: Groups) -> list[str]:
                 both = [(ds, g) for ds, g in here if peer in g]
                 if not both:
                     continue
-                ours = [statistics.mean(r["test"]["segm"][metric] or 0.0 for r in g["knet"]) for _, g in both]
-                theirs = [statistics.mean(r["test"]["segm"][metric] or 0.0 for r in g[peer]) for _, g in both]
+                ours = [mean_test(g["knet"], metric) for _, g in both]
+                theirs = [mean_test(g[peer], metric) for _, g in both]
                 wins = sum(a >= b for a, b in zip(ours, theirs))
-                ratio = statistics.mean(ours) / statistics.mean(theirs) if statistics.mean(theirs) >= 0.01 else None  # not of ~0
-                parts.append(f"vs `{peer}` ({metric}): >= on {wins} of {len(both)}, mean {pct(statistics.mean(ours))} "
-                             f"vs {pct(statistics.mean(theirs))}" + (f" ({ratio:.2f}x)" if ratio else ""))
+                mine, peers = statistics.mean(ours), statistics.mean(theirs)
+                ratio = f" ({mine / peers:.2f}x)" if peers >= 0.01 else ""  # no ratio of a near-zero peer
+                parts.append(f"vs `{peer}` ({metric}): >= on {wins} of {len(both)}, mean {pct(mine)} vs "
+                             f"{pct(peers)}{ratio}")
             if parts:
                 out.append(f"- {cpu}, L={size}{' (or all)' if size == '100' else ''}: `knet` " + "; ".join(parts) + ".")
     return ["", "The recipe against the other arms (same CPU, same L, datasets where both have rows):", ""] + out if out else []
@@ -560,15 +564,15 @@ def uplvp_summary(groups: Groups) -> list[str]:
                     if k[2] == cpu and level[k] == size and arm in g and "knet" in g]
             if not both:
                 continue
-            ours = statistics.mean(mean_test_ap(g[arm]) for _, g in both)
-            vanilla = statistics.mean(mean_test_ap(g["knet"]) for _, g in both)
+            ours = statistics.mean(mean_test(g[arm]) for _, g in both)
+            vanilla = statistics.mean(mean_test(g["knet"]) for _, g in both)
             fast = 0
             for _, g in both:
                 v, u = g["knet"][0], g[arm][0]
                 reach = minutes_to_reach(u["curve"], v["test"]["segm"]["AP"] or 0.0) if u["curve"] else None
                 fast += reach is not None and reach <= 0.5 * v["train_minutes"]
             vs_mrcnn = [(ds, g) for ds, g in both if "maskrcnn" in g]
-            wins = sum(mean_test_ap(g[arm]) >= mean_test_ap(g["maskrcnn"]) for _, g in vs_mrcnn)
+            wins = sum(mean_test(g[arm]) >= mean_test(g["maskrcnn"]) for _, g in vs_mrcnn)
             ratio = f"{ours / vanilla:.2f}x" if vanilla > 0 else "–"
             out.append(f"- `{arm}` on {cpu} at L={size}{' (or all)' if size == '100' else ''}, {len(both)} dataset(s) "
                        f"with a knet row ({', '.join(ds for ds, _ in both)}): mean AP {pct(ours)} vs vanilla "

@@ -168,6 +168,15 @@ class OfflineEngine:
         probs = self.net.classifier(pooled).softmax(1)  # [M, 1000]
         return probs @ self.owner.T
 
+    def _confidence(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence [M], word index [M]) of masks' vocabulary probabilities [M, V].
+
+        A word ImageNet has no class for (nuclei, an insect species) gets a near-zero probability on
+        every mask, its objects included: that is no evidence, so its masks get confidence 1, neither
+        dropped by the probability floor nor ranked by it, only by their objectness."""
+        conf, label = probs.max(1)
+        return torch.where(self.grounded[label], conf, torch.ones_like(conf)), label
+
     @staticmethod
     def _patch_features(choice: str, feats: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
         """The map patches are compared on ("final", "mid" or "both"): [C, h, w], each part unit-normalised
@@ -214,8 +223,8 @@ class OfflineEngine:
         probs_c = self.classify(feats, masks_c.float())
 
         # (D) normalized cuts of the patch graph
-        comps_d = normalized_cut_masks(self._patch_features(cfg.ncut_features, feats, mid), cfg.ncut_cuts, cfg.ncut_tau) \
-            if cfg.ncut_cuts else []
+        comps_d = normalized_cut_masks(self._patch_features(cfg.ncut_features, feats, mid), cfg.ncut_cuts,
+                                       cfg.ncut_tau) if cfg.ncut_cuts else []
         masks_d = _stack([m for m, _ in comps_d], h, w)
         probs_d = self.classify(feats, masks_d.float())
 
@@ -227,11 +236,7 @@ class OfflineEngine:
                              torch.tensor([q for _, q in comps_d])])
         if len(grid_masks) == 0 and not cfg.group_segments:
             return []
-        conf, label = probs.max(1)
-        # A word ImageNet has no class for (nuclei, an insect species) gets a near-zero probability
-        # on every mask, its objects included: that is no evidence, so such masks are neither dropped
-        # by the probability floor nor ranked by it, only by their objectness.
-        conf = torch.where(self.grounded[label], conf, torch.ones_like(conf))
+        conf, label = self._confidence(probs)
         ok = conf >= cfg.min_class_prob
         if not ok.any() and not cfg.group_segments:
             return []
@@ -255,10 +260,10 @@ class OfflineEngine:
         else:
             full_bin = full >= (cfg.similarity_threshold * 0.5)
         if cfg.group_segments:  # (E) already at the input resolution, so neither upsampled nor snapped
-            masks_e, quality_e, weights_e = grouped_segments(segments, self._patch_features(cfg.group_features, feats, mid),
-                                                             torch.from_numpy(energy), cfg.min_area_frac)
-            conf_e, label_e = self.classify(feats, weights_e).max(1)
-            conf_e = torch.where(self.grounded[label_e], conf_e, torch.ones_like(conf_e))
+            masks_e, quality_e, weights_e = grouped_segments(
+                segments, self._patch_features(cfg.group_features, feats, mid), torch.from_numpy(energy),
+                cfg.min_area_frac)
+            conf_e, label_e = self._confidence(self.classify(feats, weights_e))
             keep_e = conf_e >= cfg.min_class_prob
             full_bin = torch.cat([full_bin, masks_e[keep_e]])
             score = torch.cat([score, (quality_e * conf_e)[keep_e].sqrt()])

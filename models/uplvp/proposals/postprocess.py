@@ -210,9 +210,8 @@ def grouped_segments(segments: np.ndarray, features: torch.Tensor, objectness: t
     grid); features: [C, h, w] (the same image at stride H / h). A segment's feature is the mean of the
     cells under it. Adjacent regions are merged most-similar first (cosine of their features, plus a
     bonus for small regions so that parts join before wholes); every segment and every merge is a
-    candidate. An object
-    whose parts differ in colour (a bottle's cap, label and body) is one of the groups even though no
-    single segment or feature threshold holds it. Hundreds of groups per photo hold most objects
+    candidate. An object whose parts differ in colour (a bottle's cap, label and body) is one of the
+    groups even though no single segment or feature threshold holds it. Hundreds of groups per photo hold most objects
     (balloon, bottles: 50-90 % of them at IoU >= 0.5), so the ranking decides: a candidate's quality is
     its objectness contrast (`objectness` [h, w] in [0, 1], e.g. the normalised feature energy: its mean
     under the candidate minus its mean elsewhere, doubled, in [0, 1]), times its solidity (area over
@@ -224,7 +223,7 @@ def grouped_segments(segments: np.ndarray, features: torch.Tensor, objectness: t
     import cv2
     import heapq
 
-    c, h, w = features.shape
+    _, h, w = features.shape
     H, W = segments.shape
     n = int(segments.max()) + 1
     empty = (torch.zeros(0, H, W, dtype=torch.bool), torch.zeros(0), torch.zeros(0, h, w))
@@ -240,7 +239,7 @@ def grouped_segments(segments: np.ndarray, features: torch.Tensor, objectness: t
     pairs = pairs[pairs[:, 0] != pairs[:, 1]].sort(1).values.unique(dim=0).tolist()
 
     total = float(H * W)
-    members: dict[int, list[int]] = {i: [i] for i in range(n)}
+    members: dict[int, list[int]] = {i: [i] for i in range(n)}  # the live regions: segments, then merges
     sizes = {i: float(size[i]) for i in range(n)}
     fsum = {i: feat[i] * sizes[i] for i in range(n)}  # size-weighted, so a merge's feature is the pixel mean
     nbrs: dict[int, set[int]] = {i: set() for i in range(n)}
@@ -254,12 +253,11 @@ def grouped_segments(segments: np.ndarray, features: torch.Tensor, objectness: t
 
     heap = [(-sim(a, b), a, b) for a, b in pairs]
     heapq.heapify(heap)
-    alive = set(range(n))
     out = [[i] for i in range(n) if min_area_frac <= sizes[i] / total <= max_area_frac]  # segments, then merges
     nxt = n
     while heap:
         _, a, b = heapq.heappop(heap)
-        if a not in alive or b not in alive:
+        if a not in members or b not in members:  # merged into another region since it was pushed
             continue
         new = nxt
         nxt += 1
@@ -267,8 +265,6 @@ def grouped_segments(segments: np.ndarray, features: torch.Tensor, objectness: t
         sizes[new] = sizes.pop(a) + sizes.pop(b)
         fsum[new] = fsum.pop(a) + fsum.pop(b)
         nbrs[new] = (nbrs.pop(a) | nbrs.pop(b)) - {a, b}
-        alive -= {a, b}
-        alive.add(new)
         for m in nbrs[new]:
             nbrs[m] -= {a, b}
             nbrs[m].add(new)
