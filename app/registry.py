@@ -375,8 +375,9 @@ class Registry:
         rec: dict[str, Any] = dict(raw)
         rec["version"] = int(raw["version"])
         rec["size_bytes"] = int(raw["size_bytes"])
-        for k in ("metrics", "categories", "params", "parent", "reports"):
+        for k in ("metrics", "categories", "params", "parent", "reports", "exports"):
             rec[k] = json.loads(raw[k]) if raw.get(k) else None
+        rec["exports"] = rec["exports"] or {}
         rec["reports"] = sorted(rec["reports"] or {})
         aliases = self.aliases(name)
         rec["aliases"] = sorted(a for a, v in aliases.items() if v == rec["version"])
@@ -430,6 +431,15 @@ class Registry:
         pipe.execute()
         return self.get_version(name, version)
 
+    def record_export(self, name: str, version: int, fmt: str, src: str | Path) -> dict[str, Any]:
+        """Store `src` as the version's export in `fmt` (beside its checkpoint) and record its key and
+        sha256 in the version; returns {"key", "sha256", "size_bytes"}."""
+        rec = self.get_version(name, version)
+        stored = self.store.put(Path(src), f"models/{name}/v{version}/model.{fmt}")
+        entry = {"key": stored.key, "sha256": stored.sha256, "size_bytes": stored.size_bytes}
+        self.r.hset(f"{P}model:{name}:v:{version}", "exports", _dump({**rec["exports"], fmt: entry}))
+        return entry
+
     def promote(self, name: str, version: int, alias: str = "production") -> dict[str, Any]:
         """Point `alias` at `version` (rollback = promote an older version)."""
         self.get_version(name, version)
@@ -454,6 +464,8 @@ class Registry:
         pipe.zrem(f"{P}model:{name}:versions", str(version))
         pipe.execute()
         self.store.delete(rec["artifact"])
+        for entry in rec["exports"].values():
+            self.store.delete(entry["key"])
         for kind in rec["reports"]:
             self.store.delete(f"models/{name}/v{version}/{kind}.png")
 

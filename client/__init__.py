@@ -138,8 +138,9 @@ class Client:
     def promote(self, name: str, version: int) -> dict[str, Any]:
         return self._call("POST", f"/models/{name}/versions/{version}/promote").json()
 
-    def download(self, name: str, version: int, out: str | Path) -> Path:
-        resp = self._call("GET", f"/models/{name}/versions/{version}/download")
+    def download(self, name: str, version: int, out: str | Path, format: str = "pt") -> Path:
+        """A version's checkpoint (format pt) or its ONNX export (format onnx, see client/onnx_model.py) to `out`."""
+        resp = self._call("GET", f"/models/{name}/versions/{version}/download", params={"format": format})
         Path(out).write_bytes(resp.content)
         return Path(out)
 

@@ -227,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=0)
 
+    p = sub.add_parser("export", help="export a K-Net checkpoint to ONNX (run it with onnxruntime and "
+                       "client/onnx_model.py, no torch)")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint (.pt) to export")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, type=Path, help="file to write (.onnx)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip running the export with ONNX Runtime against PyTorch on a test input")
+
     p = sub.add_parser("propose", help="pseudo masks for unlabeled images (UPLVP masks proposal) as COCO JSON")
     _add_proposal_args(p)
     p.add_argument("--out", required=True, type=Path, help="COCO JSON to write (resumable: run again to continue)")
@@ -374,6 +382,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.engine.export import export_onnx
+
+    info = export_onnx(args.model, args.out, verify=not args.no_verify)
+    diff = "" if "max_abs_diff" not in info else f", max |ONNX Runtime - PyTorch| {info['max_abs_diff']:.1e}"
+    print(f"{args.out}: ONNX ({info['bytes'] / 1e6:.1f} MB, {len(info['categories'])} categories, input short side "
+          f"{info['short_side']}{diff}); run it with client/onnx_model.py")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """A self-contained tour: data from an installed package, a short fine-tune, a prediction."""
     from models.data.demo import write_voc_demo
@@ -416,7 +434,7 @@ def cmd_demo_data(argv: list[str]) -> int:
 
 
 COMMANDS = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "segment": cmd_segment, "propose": cmd_propose,
-            "pretrain": cmd_pretrain, "demo": cmd_demo}
+            "pretrain": cmd_pretrain, "demo": cmd_demo, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

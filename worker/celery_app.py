@@ -23,6 +23,7 @@ FINETUNE_TASK = "uplvp.finetune"
 PRETRAIN_TASK = "uplvp.pretrain"
 SEGMENT_TASK = "uplvp.segment"
 SEGMENT_JOB_TASK = "uplvp.segment_job"
+EXPORT_TASK = "uplvp.export"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -43,7 +44,8 @@ def make_celery(settings: Settings) -> Celery:
         task_queues=(Queue("train"), Queue("infer")),
         task_default_queue="train",
         task_routes={FINETUNE_TASK: {"queue": "train"}, PRETRAIN_TASK: {"queue": "train"},
-                     SEGMENT_TASK: {"queue": "infer"}, SEGMENT_JOB_TASK: {"queue": "infer"}},
+                     SEGMENT_TASK: {"queue": "infer"}, SEGMENT_JOB_TASK: {"queue": "infer"},
+                     EXPORT_TASK: {"queue": "infer"}},
         task_time_limit=settings.job_time_limit_s + 300,
         task_soft_time_limit=settings.job_time_limit_s,
         broker_connection_retry_on_startup=True,

@@ -8,6 +8,8 @@ job record is read before every training step.
 
 `uplvp.segment(...)` runs on the `infer` queue and answers POST /segment; `uplvp.segment_job`
 is its async form (POST /segment with async=true). Loaded models stay in an LRU cache.
+`uplvp.export(...)` (also on `infer`) writes a version's ONNX export into the artifact store once,
+for GET /models/{name}/versions/{v}/download?format=onnx.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from app.metrics import record_segment_latency
 from app.registry import TERMINAL, NotFound, Registry, from_settings
 from app.storage import ArtifactError
 from worker.celery_app import (
+    EXPORT_TASK,
     FINETUNE_TASK,
     PRETRAIN_TASK,
     SEGMENT_JOB_TASK,
@@ -389,3 +392,28 @@ def segment_job(job_id: str, artifact: str, sha256: str, images: list[list[str]]
     reg.finish_job(job_id, "succeeded", output={"model": job["params"]["model"], "version": job["params"]["version"],
                                                 "images": out["results"]})
     return "succeeded"
+
+
+@celery_app.task(name=EXPORT_TASK, acks_late=False)
+def export(name: str, version: int, fmt: str) -> dict[str, Any]:
+    """Export a registered version (its checkpoint sha256-checked) and record the file beside it:
+    {"export": {key, sha256, size_bytes}} or {"error": {code, message}}."""
+    import tempfile
+    from pathlib import Path
+
+    from models.engine.export import export_onnx
+    from models.errors import UplvpError
+
+    reg = registry()
+    try:
+        rec = reg.get_version(name, version)
+        with tempfile.TemporaryDirectory(dir=get_settings().data_dir) as tmp:
+            out = Path(tmp) / f"model.{fmt}"
+            export_onnx(reg.fetch_artifact(rec), out)
+            return {"export": reg.record_export(name, version, fmt, out)}
+    except NotFound as exc:
+        return {"error": {"code": "unknown_version", "message": str(exc)}}
+    except ArtifactError as exc:
+        return {"error": {"code": "artifact_unavailable", "message": str(exc)}}
+    except UplvpError as exc:
+        return {"error": {"code": exc.code, "message": str(exc)}}

@@ -265,7 +265,11 @@ class KNet(nn.Module):
         idx = select_peaks(centers.detach().sigmoid()[:, 0], weight.shape[0])  # [B,N]
         first = self.center_proj(_at_cells(loc, idx)) + weight  # [B,N,C]
         grid = (loc.shape[-2], loc.shape[-1])
-        centres = torch.stack((idx // grid[1], idx % grid[1]), -1).to(loc.dtype)
+        # the cells' (y, x) read off a coordinate map rather than idx // w and idx % w: the same numbers,
+        # and an ONNX export with a dynamic width cannot take a remainder by it (models.engine.export)
+        ys = torch.arange(grid[0], device=loc.device, dtype=loc.dtype)[:, None].expand(grid)
+        xs = torch.arange(grid[1], device=loc.device, dtype=loc.dtype)[None, :].expand(grid)
+        centres = _at_cells(torch.stack((ys, xs))[None].expand(loc.shape[0], -1, -1, -1), idx)  # [B,N,2]
         init_masks = torch.einsum("bnc,bchw->bnhw", first, loc) + self.center_prior(first, centres, grid)
         return first, init_masks, centres, _at_cells(centers, idx), centers
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Response
+from celery import Celery
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import FileResponse
 
-from app.api.deps import RegistryDep
+from app.api.deps import CeleryDep, RegistryDep, SettingsDep
+from app.api.enqueue import call_infer
 from app.core.errors import ApiError
 from app.core.security import WriteAccess, read_access
 from app.registry import Conflict, NotFound, Registry
 from app.schemas import ErrorResponse, ModelDetail, ModelSummary, ModelVersion
 from app.storage import ArtifactError
+from worker.celery_app import EXPORT_TASK
 
+log = logging.getLogger("uplvp.api")
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(read_access)])
 NOT_FOUND = {404: {"model": ErrorResponse}}
 
@@ -86,14 +91,46 @@ def report(name: str, version: int, report: Literal["curves", "evaluation"], reg
     return FileResponse(path, media_type="image/png")
 
 
-@router.get("/{name}/versions/{version}/download", responses={**NOT_FOUND, 200: {"content": {"application/octet-stream": {}}}},
-            summary="The checkpoint file (loads with `uplvp segment --model`)")
-def download(name: str, version: int, registry: RegistryDep) -> FileResponse:
-    """The checkpoint, with its sha256 in X-Checksum-Sha256."""
+@router.get("/{name}/versions/{version}/download",
+            responses={**NOT_FOUND, 400: {"model": ErrorResponse}, 504: {"model": ErrorResponse},
+                       200: {"content": {"application/octet-stream": {}}}},
+            summary="The checkpoint (format=pt, loads with `uplvp segment --model`) or its ONNX export (format=onnx)")
+def download(name: str, version: int, registry: RegistryDep, settings: SettingsDep, celery: CeleryDep,
+             format: Annotated[Literal["pt", "onnx"], Query(description="pt: the checkpoint; onnx: the K-Net graph "
+                                                             "for ONNX Runtime (client/onnx_model.py)")] = "pt") -> FileResponse:
+    """The file, with its sha256 in X-Checksum-Sha256. format=onnx is exported by an infer worker the first
+    time and stored beside the checkpoint; a stored export that no longer matches its sha256 is made again,
+    never served."""
     rec = _call(registry.get_version, name, version)
+    if format == "pt":
+        entry = {"key": rec["artifact"], "sha256": rec["sha256"]}
+    else:
+        entry = rec["exports"].get(format)
+        if entry is None or not _intact(registry, entry):
+            entry = _export(celery, settings.export_timeout_s, name, version, format)
     try:
-        path = registry.fetch_artifact(rec)  # checks the sha256: never serve a torn or replaced file
+        path = registry.store.fetch(entry["key"], entry["sha256"])  # never serve a torn or replaced file
     except ArtifactError as exc:
         raise ApiError(500, "artifact_unavailable", f"{name} v{version}: {exc}") from None
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-v{version}.pt",
-                        headers={"X-Checksum-Sha256": rec["sha256"]})
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-v{version}.{format}",
+                        headers={"X-Checksum-Sha256": entry["sha256"]})
+
+
+def _intact(registry: Registry, entry: dict[str, Any]) -> bool:
+    try:
+        registry.store.fetch(entry["key"], entry["sha256"])
+        return True
+    except ArtifactError as exc:
+        log.warning("stored export %s is unusable, exporting again: %s", entry["key"], exc)
+        return False
+
+
+def _export(celery: Celery, timeout: float, name: str, version: int, fmt: str) -> dict[str, Any]:
+    """Ask an infer worker to export the version; its stored file's {key, sha256}, or the worker's error."""
+    out = call_infer(celery, EXPORT_TASK, [name, version, fmt], timeout, "export_timeout",
+                     f"exported {name} v{version}", "UPLVP_EXPORT_TIMEOUT_S")
+    if "error" in out:
+        code = out["error"]["code"]
+        status = {"export_unsupported": 400, "unknown_version": 404}.get(code, 500)
+        raise ApiError(status, code, out["error"]["message"])
+    return out["export"]

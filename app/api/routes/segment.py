@@ -6,12 +6,11 @@ import base64
 from typing import Annotated, Any, Literal
 
 from celery import Celery
-from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from app.api.deps import CeleryDep, RegistryDep, SettingsDep
-from app.api.enqueue import enqueue
+from app.api.enqueue import call_infer, enqueue
 from app.api.forms import WebhookField
 from app.core.errors import ApiError
 from app.core.security import SegmentAccess
@@ -97,15 +96,8 @@ def post_segment(
         payload.append([name, base64.b64encode(data).decode("ascii")])
     if async_:
         return queue_segment_job(registry, celery, rec, payload, score_threshold, principal.id, webhook_url)
-    timeout = settings.segment_timeout_s
-    res = celery.send_task(SEGMENT_TASK, args=[rec["artifact"], rec["sha256"], payload, score_threshold, format],
-                           queue="infer", expires=timeout)
-    try:
-        out = res.get(timeout=timeout)
-    except CeleryTimeout:
-        res.forget()
-        raise ApiError(504, "segment_timeout", f"no infer worker answered within {timeout:g} s "
-                       "(UPLVP_SEGMENT_TIMEOUT_S); check GET /readyz") from None
+    out = call_infer(celery, SEGMENT_TASK, [rec["artifact"], rec["sha256"], payload, score_threshold, format],
+                     settings.segment_timeout_s, "segment_timeout", "answered", "UPLVP_SEGMENT_TIMEOUT_S")
     if "error" in out:
         status = 500 if out["error"]["code"] == "artifact_unavailable" else 400  # ours to fix, not the user's
         raise ApiError(status, out["error"]["code"], out["error"]["message"])
