@@ -40,7 +40,7 @@ log = logging.getLogger("uplvp.registry")
 P = "uplvp:"
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
-STAGES = ("validating", "teaching", "proposing", "pretraining", "finetuning", "evaluating")
+STAGES = ("validating", "teaching", "proposing", "pretraining", "finetuning", "evaluating", "exporting")
 _JSON_FIELDS = ("params", "losses", "error", "result", "dataset", "output", "webhook")
 JOB_KINDS = ("finetune", "pretrain", "segment")
 

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobStage = Literal["validating", "teaching", "proposing", "pretraining", "finetuning", "evaluating", "segmenting"]
+JobStage = Literal["validating", "teaching", "proposing", "pretraining", "finetuning", "evaluating", "exporting",
+                   "segmenting"]
 JobKind = Literal["finetune", "pretrain", "segment"]
 
 
@@ -43,6 +44,8 @@ class ImageResult(BaseModel):
 class SegmentResponse(BaseModel):
     model: str
     version: int
+    backend: Literal["onnx", "torch"] | None = Field(
+        None, description="what ran the model: onnx (its ONNX export under ONNX Runtime) or torch (PyTorch)")
     images: list[ImageResult]
 
 

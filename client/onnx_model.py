@@ -88,8 +88,9 @@ class OnnxSegmenter:
     # ------------------------------------------------------------------ the whole pipeline
 
     def predict(self, images: list[Image.Image | str | Path], score_threshold: float = 0.3,
-                batch_size: int = 4) -> list[list[dict[str, Any]]]:
-        """Images (PIL or paths) -> per image, its instances (see the module docstring)."""
+                batch_size: int = 4, mask_threshold: float | None = None) -> list[list[dict[str, Any]]]:
+        """Images (PIL or paths) -> per image, its instances (see the module docstring); `mask_threshold`
+        defaults to the model's own."""
         pil = [to_rgb(Image.open(p) if isinstance(p, (str, Path)) else p) for p in images]
         prepared = [self.preprocess(im) for im in pil]
         # images of similar shape together, so that each batch pads as little as possible
@@ -101,13 +102,15 @@ class OnnxSegmenter:
             for j, i in enumerate(idx):
                 size = prepared[i].shape[1:]
                 out[i] = self.postprocess(class_probs[j], mask_probs[j], size, (pil[i].height, pil[i].width),
-                                          score_threshold)
+                                          score_threshold, mask_threshold)
         return out
 
     def postprocess(self, class_probs: np.ndarray, mask_probs: np.ndarray, input_size: tuple[int, int],
-                    orig_size: tuple[int, int], score_threshold: float = 0.3) -> list[dict[str, Any]]:
+                    orig_size: tuple[int, int], score_threshold: float = 0.3,
+                    mask_threshold: float | None = None) -> list[dict[str, Any]]:
         """One image's graph outputs ([N,K], [N,Hp/4,Wp/4]) -> its instances at `orig_size` (h, w)."""
-        m, thr = self.meta, self.meta["mask_threshold"]
+        m = self.meta
+        thr = m["mask_threshold"] if mask_threshold is None else mask_threshold
         h, w = input_size
         probs = mask_probs[:, : math.ceil(h / m["mask_stride"]), : math.ceil(w / m["mask_stride"])]
         n, k = class_probs.shape

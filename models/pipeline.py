@@ -709,7 +709,9 @@ class PredictorCache:
 
     Keyed by anything hashable that changes when the model does, e.g. (artifact key, sha256),
     so a replaced checkpoint is reloaded; `locate()` is called only on a miss, which is where
-    a store downloads or verifies the file.
+    a store downloads or verifies the file. With `onnx` (a function giving the model's ONNX
+    export) the model runs under ONNX Runtime instead (OnnxPredictor: faster on CPU,
+    bench/results/inference.md).
     """
 
     def __init__(self, capacity: int = 4, num_threads: int = 0) -> None:
@@ -717,18 +719,26 @@ class PredictorCache:
         self.num_threads = num_threads
         self._items: OrderedDict[Any, Any] = OrderedDict()
 
-    def get(self, key: Any, locate: Callable[[], str | Path] | None = None) -> Any:
-        """The Predictor for `key`, loading `locate()` (default: `key` is the checkpoint path) on a miss."""
-        from models.engine.inference import Predictor
+    def get(self, key: Any, locate: Callable[[], str | Path] | None = None,
+            onnx: Callable[[], str | Path] | None = None) -> Any:
+        """The predictor for `key`, loading `onnx()` under ONNX Runtime, or else `locate()` (default: `key`
+        is the checkpoint path) under PyTorch, on a miss."""
+        from models.engine.inference import OnnxPredictor, Predictor
 
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        predictor = Predictor(locate() if locate is not None else key, num_threads=self.num_threads)
+        if onnx is not None:
+            predictor: Any = OnnxPredictor(onnx(), num_threads=self.num_threads)
+        else:
+            predictor = Predictor(locate() if locate is not None else key, num_threads=self.num_threads)
         self._items[key] = predictor
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
         return predictor
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._items
 
     def __len__(self) -> int:
         return len(self._items)

@@ -82,6 +82,9 @@ def service_env(redis_server: RedisServer, data_dir: Path) -> dict[str, str]:
     """Environment of the worker (and the settings of the API)."""
     return {"REDIS_URL": redis_server.url, "UPLVP_DATA_DIR": str(data_dir), "UPLVP_HEARTBEAT_S": "1",
             "UPLVP_JOB_LOCK_TTL_S": "30", "UPLVP_SEGMENT_TIMEOUT_S": "90", "UPLVP_WORKER_THREADS": "1",
+            # PyTorch serving: the onnx backend exports every new version at the end of its job (seconds
+            # each, and the suite trains ~100); tests/worker/test_tasks.py runs the onnx path in-process
+            "UPLVP_INFER_BACKEND": "torch",
             # webhooks on, to the tests' receiver on loopback (tests/app/test_webhooks.py)
             "UPLVP_WEBHOOK_SECRET": WEBHOOK_SECRET, "UPLVP_WEBHOOK_ALLOW_PRIVATE": "1", "UPLVP_WEBHOOK_BACKOFF_S": "0.2"}
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 import base64
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -40,6 +42,7 @@ from worker.celery_app import (
 log = logging.getLogger("uplvp.worker")
 _registry: Registry | None = None
 _predictors: Any = None
+_exports_asked: set[tuple[str, int]] = set()  # versions this process asked an export for (_predictor)
 
 
 def registry() -> Registry:
@@ -288,6 +291,9 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
                                    reports=out["reports"])
     except OSError as exc:  # disk full, data dir unwritable: earlier versions are untouched (atomic put)
         return _fail(reg, job_id, "storage_error", f"could not store the model: {exc.strerror or exc}")
+    if s.infer_backend == "onnx" and out["kind"] == "finetuned":
+        reg.update_job(job_id, stage="exporting")  # so that the first POST /segment finds the graph ready
+        _export_quietly(reg, job["name"], rec["version"])
     reg.finish_job(job_id, "succeeded", result={"model": job["name"], "version": rec["version"],
                                                 "metrics": out["metrics"], **out["result"]})
     return "succeeded"
@@ -338,8 +344,11 @@ def pretrain(self: Any, job_id: str) -> str:
     return _training_task(self, job_id, _pretrain_body)
 
 
-def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshold: float, fmt: str) -> dict[str, Any]:
-    """{"results": [...]} or {"error": {code, message}}; the model is loaded (and its sha256 checked) on a miss."""
+def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshold: float, fmt: str,
+             name: str | None = None, version: int | None = None) -> dict[str, Any]:
+    """{"results": [...]} or {"error": {code, message}}; the model is loaded (and its sha256 checked) on a miss,
+    as its ONNX export when the backend is onnx and the version is known (UPLVP_INFER_BACKEND)."""
+    from models.engine.inference import OnnxPredictor
     from models.errors import UplvpError
     from models.pipeline import PredictorCache
     from models.pipeline import segment as run_segment
@@ -350,9 +359,10 @@ def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshol
         _predictors = PredictorCache(s.model_cache_size, s.worker_threads)
     t0 = time.perf_counter()
     try:
-        predictor = _predictors.get((artifact, sha256), lambda: registry().store.fetch(artifact, sha256))
-        decoded = [(name, base64.b64decode(data)) for name, data in images]
-        return {"results": run_segment(predictor, decoded, score_threshold, fmt)}
+        predictor = _predictor(artifact, sha256, name, version)
+        decoded = [(n, base64.b64decode(data)) for n, data in images]
+        backend = "onnx" if isinstance(predictor, OnnxPredictor) else "torch"
+        return {"results": run_segment(predictor, decoded, score_threshold, fmt), "backend": backend}
     except ArtifactError as exc:
         return {"error": {"code": "artifact_unavailable", "message": str(exc)}}
     except UplvpError as exc:
@@ -364,27 +374,88 @@ def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshol
             log.warning("segment latency not recorded: %s", exc)
 
 
+def _predictor(artifact: str, sha256: str, name: str | None, version: int | None) -> Any:
+    """The loaded model for a version: its stored ONNX export under ONNX Runtime (backend onnx), else the
+    checkpoint under PyTorch. A version without an export yet (trained before exports, or by a worker with
+    the torch backend) is served by PyTorch at once while an export is asked for, once per process."""
+    reg = registry()
+    if get_settings().infer_backend == "onnx" and name is not None and version is not None:
+        key = (artifact, sha256, "onnx")
+        if key in _predictors:
+            return _predictors.get(key)
+        entry = reg.get_version(name, version)["exports"].get("onnx")
+        if entry is not None:
+            try:
+                path = reg.store.fetch(entry["key"], entry["sha256"])
+                return _predictors.get(key, onnx=lambda: path)
+            except Exception as exc:  # noqa: BLE001 - a torn file, an ONNX Runtime error: PyTorch serves it
+                log.warning("stored export of %s v%s is unusable: %s", name, version, exc)
+        if (name, version) not in _exports_asked:
+            _exports_asked.add((name, version))
+            _ask_export(name, version)
+    return _predictors.get((artifact, sha256, "torch"), lambda: reg.store.fetch(artifact, sha256))
+
+
+def _ask_export(name: str, version: int) -> None:
+    """Queue the version's ONNX export (the export task) without waiting for it."""
+    celery_app.send_task(EXPORT_TASK, args=[name, version, "onnx"], queue="infer")
+
+
+def _export_quietly(reg: Registry, name: str, version: int) -> None:
+    """stored_export, where a model that does not export (Mask R-CNN) or a failed export only means that
+    the version is served by PyTorch: never a reason to fail the job or the request that asked."""
+    from models.errors import UplvpError
+
+    try:
+        stored_export(reg, name, version)
+    except UplvpError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - the PyTorch path still serves the version
+        log.warning("ONNX export of %s v%s failed, serving it with PyTorch: %s", name, version, exc)
+
+
+def stored_export(reg: Registry, name: str, version: int, fmt: str = "onnx") -> tuple[dict[str, Any], Path]:
+    """A version's export in `fmt`: the stored one when it still matches its sha256, else made now from the
+    (sha256-checked) checkpoint and recorded beside it. Returns ({key, sha256, size_bytes}, its local file);
+    ExportError for a model that does not export."""
+    from models.engine.export import export_onnx
+
+    rec = reg.get_version(name, version)
+    entry = rec["exports"].get(fmt)
+    if entry is not None:
+        try:
+            return entry, reg.store.fetch(entry["key"], entry["sha256"])
+        except ArtifactError as exc:
+            log.warning("stored export of %s v%s is unusable, exporting again: %s", name, version, exc)
+    with tempfile.TemporaryDirectory(dir=get_settings().data_dir) as tmp:
+        out = Path(tmp) / f"model.{fmt}"
+        export_onnx(reg.fetch_artifact(rec), out)
+        entry = reg.record_export(name, version, fmt, out)
+    return entry, reg.store.fetch(entry["key"], entry["sha256"])
+
+
 def loaded_models() -> int:
     """Models this worker process holds (its heartbeat reports it: uplvp_models_loaded)."""
     return len(_predictors) if _predictors is not None else 0
 
 
 @celery_app.task(name=SEGMENT_TASK, acks_late=False)
-def segment(artifact: str, sha256: str, images: list[list[str]], score_threshold: float, fmt: str) -> dict[str, Any]:
+def segment(artifact: str, sha256: str, images: list[list[str]], score_threshold: float, fmt: str,
+            name: str | None = None, version: int | None = None) -> dict[str, Any]:
     """Segment base64 images with a registered model (POST /segment answers with the return value)."""
-    return _segment(artifact, sha256, images, score_threshold, fmt)
+    return _segment(artifact, sha256, images, score_threshold, fmt, name, version)
 
 
 @celery_app.task(name=SEGMENT_JOB_TASK, acks_late=False)
 def segment_job(job_id: str, artifact: str, sha256: str, images: list[list[str]], score_threshold: float,
-                fmt: str) -> str:
+                fmt: str, name: str | None = None, version: int | None = None) -> str:
     """POST /segment with async=true: the same work, the instances stored in the job record."""
     reg = registry()
     status = reg.start_job(job_id)
     if status != "started":
         return status
     reg.update_job(job_id, stage="segmenting")
-    out = _segment(artifact, sha256, images, score_threshold, fmt)
+    out = _segment(artifact, sha256, images, score_threshold, fmt, name, version)
     if "error" in out:
         reg.finish_job(job_id, "failed", error=out["error"])
         return "failed"
@@ -396,21 +467,12 @@ def segment_job(job_id: str, artifact: str, sha256: str, images: list[list[str]]
 
 @celery_app.task(name=EXPORT_TASK, acks_late=False)
 def export(name: str, version: int, fmt: str) -> dict[str, Any]:
-    """Export a registered version (its checkpoint sha256-checked) and record the file beside it:
-    {"export": {key, sha256, size_bytes}} or {"error": {code, message}}."""
-    import tempfile
-    from pathlib import Path
-
-    from models.engine.export import export_onnx
+    """Export a registered version once (stored_export): {"export": {key, sha256, size_bytes}} or
+    {"error": {code, message}}."""
     from models.errors import UplvpError
 
-    reg = registry()
     try:
-        rec = reg.get_version(name, version)
-        with tempfile.TemporaryDirectory(dir=get_settings().data_dir) as tmp:
-            out = Path(tmp) / f"model.{fmt}"
-            export_onnx(reg.fetch_artifact(rec), out)
-            return {"export": reg.record_export(name, version, fmt, out)}
+        return {"export": stored_export(registry(), name, version, fmt)[0]}
     except NotFound as exc:
         return {"error": {"code": "unknown_version", "message": str(exc)}}
     except ArtifactError as exc:

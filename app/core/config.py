@@ -35,6 +35,9 @@ class Settings(BaseSettings):
                                     "infer worker to export the version (once; later downloads read the stored file)")
     max_segment_images: int = Field(16, gt=0, description="images per POST /segment request")
     model_cache_size: int = Field(4, gt=0, description="models an infer worker keeps loaded (LRU)")
+    infer_backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="onnx: infer workers run a K-Net's ONNX export under ONNX Runtime (made once per version, "
+        "stored beside the checkpoint; faster on CPU); torch: PyTorch. Mask R-CNN always runs under PyTorch")
     worker_threads: int = Field(0, ge=0, description="torch threads in the worker (0: torch's default)")
     job_lock_ttl_s: int = Field(60, ge=2, description="expiry of a job's run lock, refreshed every ttl/5 while the job "
                                 "runs; a job whose worker died is re-queued within about this long")

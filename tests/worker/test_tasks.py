@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from app.registry import P, Registry
 from worker.celery_app import FINETUNE_TASK
 from worker.tasks import JobReporter, LockKeeper
@@ -95,3 +97,39 @@ def test_budgeted_finetune_reports_progress_and_eta_from_its_budget(registry: Re
     assert 295 <= job["eta_s"] <= 300  # the budget's end, not an extrapolation of the steps
     assert abs(job["progress"] - (0.02 + 0.93 * 0.5)) < 0.01
     registry.finish_job(job_id, "cancelled")
+
+
+def test_segment_serves_the_onnx_export_once_it_exists(registry: Registry, settings: Any, trained: dict[str, Any],
+                                                        voc_dir: Any, monkeypatch: Any) -> None:
+    """Backend onnx: a version without an export is served by PyTorch at once and its export is asked for;
+    once the export is stored, the same request runs under ONNX Runtime and gives the same instances."""
+    import base64
+
+    import worker.tasks as tasks
+
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings.model_copy(update={"infer_backend": "onnx"}))
+    monkeypatch.setattr(tasks, "_registry", registry)
+    monkeypatch.setattr(tasks, "_predictors", None)
+    monkeypatch.setattr(tasks, "_exports_asked", set())
+    asked: list[tuple[str, int]] = []
+    monkeypatch.setattr(tasks, "_ask_export", lambda name, version: asked.append((name, version)))
+    src = registry.get_version("voc", trained["job"]["result"]["version"])
+    rec = registry.register_version("onnxserve", registry.fetch_artifact(src), {}, src["categories"], {}, None,
+                                    "0" * 64, "job-onnxserve")
+    photo = [["voc_0.jpg", base64.b64encode((voc_dir / "images" / "voc_0.jpg").read_bytes()).decode()]]
+    args = (rec["artifact"], rec["sha256"], photo, 0.0, "json", "onnxserve", rec["version"])
+    try:
+        first = tasks._segment(*args)
+        assert first["backend"] == "torch" and asked == [("onnxserve", rec["version"])]
+        tasks._segment(*args)
+        assert len(asked) == 1  # asked once per process
+        tasks.stored_export(registry, "onnxserve", rec["version"])  # what the export task does
+        second = tasks._segment(*args)
+        assert second["backend"] == "onnx"
+        want, got = first["results"][0]["instances"], second["results"][0]["instances"]
+        assert len(got) == len(want) > 0
+        assert [i["score"] for i in got[:5]] == pytest.approx([i["score"] for i in want[:5]], abs=1e-3)
+        assert got[0]["segmentation"]["size"] == [375, 500] and isinstance(got[0]["polygons"], list)
+    finally:
+        registry.delete_version("onnxserve", rec["version"])
+        assert not registry.store.exists(f"models/onnxserve/v{rec['version']}/model.onnx")

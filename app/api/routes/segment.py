@@ -41,7 +41,8 @@ def queue_segment_job(registry: Registry, celery: Celery, rec: dict[str, Any], p
     registry.create_job(job_id, rec["name"], params, {"num_images": len(payload)}, f"{rec['name']}:{rec['version']}",
                         kind="segment", owner=owner, webhook_url=webhook_url)
     location = enqueue(registry, celery, job_id, SEGMENT_JOB_TASK,
-                       [job_id, rec["artifact"], rec["sha256"], payload, score_threshold, "json"], "infer")
+                       [job_id, rec["artifact"], rec["sha256"], payload, score_threshold, "json", rec["name"],
+                        rec["version"]], "infer")
     body = JobAccepted(id=job_id, state="queued", location=location).model_dump()
     return JSONResponse(body, status_code=202, headers={"Location": location, "Retry-After": "1"})
 
@@ -96,12 +97,13 @@ def post_segment(
         payload.append([name, base64.b64encode(data).decode("ascii")])
     if async_:
         return queue_segment_job(registry, celery, rec, payload, score_threshold, principal.id, webhook_url)
-    out = call_infer(celery, SEGMENT_TASK, [rec["artifact"], rec["sha256"], payload, score_threshold, format],
+    out = call_infer(celery, SEGMENT_TASK, [rec["artifact"], rec["sha256"], payload, score_threshold, format,
+                                            rec["name"], rec["version"]],
                      settings.segment_timeout_s, "segment_timeout", "answered", "UPLVP_SEGMENT_TIMEOUT_S")
     if "error" in out:
         status = 500 if out["error"]["code"] == "artifact_unavailable" else 400  # ours to fix, not the user's
         raise ApiError(status, out["error"]["code"], out["error"]["message"])
-    headers = {"X-Model": rec["name"], "X-Model-Version": str(rec["version"])}
+    headers = {"X-Model": rec["name"], "X-Model-Version": str(rec["version"]), "X-Backend": out.get("backend", "")}
     if format == "png":
         return Response(base64.b64decode(out["results"][0]["png_base64"]), media_type="image/png", headers=headers)
-    return SegmentResponse(model=rec["name"], version=rec["version"], images=out["results"])
+    return SegmentResponse(model=rec["name"], version=rec["version"], backend=out.get("backend"), images=out["results"])
