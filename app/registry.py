@@ -332,17 +332,23 @@ class Registry:
 
     def requeue_orphans(self, max_attempts: int) -> list[tuple[str, str, str]]:
         """Running jobs whose lock expired (their worker died): back to queued, or failed after
-        `max_attempts` runs. Returns [(job id, kind, "requeued" | "failed")]; the caller re-sends
+        `max_attempts` runs (an async segment job fails at once: its images are not kept). Returns [(job id, kind, "requeued" | "failed")]; the caller re-sends
         the requeued ones' tasks. Atomic per job, so several workers may call it at once."""
         out = []
         for job_id in self.r.smembers(f"{P}jobs:active"):
             state, kind = self.r.hmget(f"{P}job:{job_id}", "state", "kind")
-            if state != "running" or kind == "segment":  # async segment jobs hold no run lock
+            if state != "running":
                 continue
-            error = _dump({"code": "worker_lost", "message": f"the worker running this job died {max_attempts} "
-                           "times (killed, out of memory, or the machine went away); see the worker logs"})
+            if kind == "segment":  # its images travel in the task only: it cannot run again, it fails at once
+                attempts, error = 0, _dump({"code": "worker_lost", "message": "the infer worker segmenting these "
+                                            "images died (killed, out of memory, or the machine went away); "
+                                            "send them again"})
+            else:
+                attempts, error = max_attempts, _dump({
+                    "code": "worker_lost", "message": f"the worker running this job died {max_attempts} times "
+                    "(killed, out of memory, or the machine went away); see the worker logs"})
             res = str(self._requeue_orphan(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:lock", f"{P}jobs:active"],
-                                           args=[now_iso(), max_attempts, error, job_id]))
+                                           args=[now_iso(), attempts, error, job_id]))
             if res in ("requeued", "failed"):
                 out.append((job_id, kind or "finetune", res))
             if res == "failed":

@@ -177,11 +177,13 @@ def load(base: str, images: list[tuple[str, bytes]], clients: int, seconds: floa
             "instances_per_image": statistics.mean(instances)}
 
 
-def bare(artifact: Path, images: list[tuple[str, bytes]], n: int, threshold: float, threads: int) -> dict[str, Any]:
-    """The worker's work per request, in this process: decode + forward + RLE/polygons."""
+def bare(artifact: Path, images: list[tuple[str, bytes]], n: int, threshold: float, threads: int,
+         onnx: Path | None = None) -> dict[str, Any]:
+    """The worker's work per request, in this process: decode + forward + RLE/polygons, on the backend the
+    worker uses (the version's ONNX export under ONNX Runtime when there is one, else PyTorch)."""
     from models.pipeline import PredictorCache, segment
 
-    predictor = PredictorCache(1, threads).get(artifact)
+    predictor = PredictorCache(1, threads).get(artifact, onnx=(lambda: onnx) if onnx is not None else None)
     for name, data in images[:3]:  # warm-up
         segment(predictor, [(name, data)], threshold, "json")
     latencies = []
@@ -211,7 +213,7 @@ def celery_direct(redis_port: int, data_dir: Path, version: int, images: list[tu
         name, data = images[i % len(images)]
         t0 = time.perf_counter()
         app.send_task(SEGMENT_TASK, args=[rec["artifact"], rec["sha256"], [[name, base64.b64encode(data).decode()]],
-                                          threshold, "json"], queue="infer").get(timeout=300)
+                                          threshold, "json", "bench", version], queue="infer").get(timeout=300)
         latencies.append(time.perf_counter() - t0)
     return {"requests": n, "p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99),
             "mean_ms": 1000 * statistics.mean(latencies)}
@@ -287,7 +289,10 @@ def main() -> None:
 
         version = job["result"]["version"]
         artifact = tmp / "data" / "models" / "bench" / f"v{version}" / "model.pt"
-        result["bare"] = bare(artifact, images, args.requests, args.threshold, args.threads)
+        onnx = artifact.with_suffix(".onnx")  # the job's export (UPLVP_INFER_BACKEND onnx, the default)
+        result["backend"] = "onnx" if onnx.is_file() else "torch"
+        result["bare"] = bare(artifact, images, args.requests, args.threshold, args.threads,
+                              onnx if onnx.is_file() else None)
         print("bare", result["bare"], flush=True)
         load(base, images, 1, 60, 5, args.threshold)  # warm the worker's model cache
         result["celery_direct"] = celery_direct(redis_port, tmp / "data", version, images, args.requests,

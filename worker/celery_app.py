@@ -24,6 +24,7 @@ PRETRAIN_TASK = "uplvp.pretrain"
 SEGMENT_TASK = "uplvp.segment"
 SEGMENT_JOB_TASK = "uplvp.segment_job"
 EXPORT_TASK = "uplvp.export"
+WARM_TASK = "uplvp.warm"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -45,7 +46,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue="train",
         task_routes={FINETUNE_TASK: {"queue": "train"}, PRETRAIN_TASK: {"queue": "train"},
                      SEGMENT_TASK: {"queue": "infer"}, SEGMENT_JOB_TASK: {"queue": "infer"},
-                     EXPORT_TASK: {"queue": "infer"}},
+                     EXPORT_TASK: {"queue": "infer"}, WARM_TASK: {"queue": "infer"}},
         task_time_limit=settings.job_time_limit_s + 300,
         task_soft_time_limit=settings.job_time_limit_s,
         broker_connection_retry_on_startup=True,
@@ -87,10 +88,21 @@ def _heartbeat_loop(hostname: str) -> None:
         log.info("could not drop the heartbeat (%s); it expires in %s s", exc, 3 * s.heartbeat_s)
 
 
+def send_warm(app: Celery, name: str | None = None, version: int | None = None) -> None:
+    """Queue a warm-up on the infer queue (worker.tasks.warm): `name` v`version`, or every production version.
+    A failure to queue only means that the model loads on its first request instead."""
+    try:
+        app.send_task(WARM_TASK, args=[name, version], queue="infer")
+    except Exception as exc:  # noqa: BLE001 - broker down for a moment
+        log.warning("could not queue the warm-up of %s: %s", f"{name} v{version}" if name else "production", exc)
+
+
 @worker_ready.connect
 def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
     threading.Thread(target=_heartbeat_loop, args=(hostname,), name="uplvp-heartbeat", daemon=True).start()
+    if "infer" in celery_app.amqp.queues.consume_from:
+        send_warm(celery_app)  # an infer worker: load every production version before the first request asks
 
 
 @worker_shutdown.connect

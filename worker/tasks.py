@@ -9,7 +9,9 @@ job record is read before every training step.
 `uplvp.segment(...)` runs on the `infer` queue and answers POST /segment; `uplvp.segment_job`
 is its async form (POST /segment with async=true). Loaded models stay in an LRU cache.
 `uplvp.export(...)` (also on `infer`) writes a version's ONNX export into the artifact store once,
-for GET /models/{name}/versions/{v}/download?format=onnx.
+for GET /models/{name}/versions/{v}/download?format=onnx. `uplvp.warm(...)` (on `infer`) loads a version
+and runs it once, so that the first request is as fast as the tenth: every production version when an
+infer worker starts, a version when it is promoted or freshly trained.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from app.registry import TERMINAL, NotFound, Registry, from_settings
 from app.storage import ArtifactError
 from worker.celery_app import (
     EXPORT_TASK,
+    WARM_TASK,
     FINETUNE_TASK,
     PRETRAIN_TASK,
     SEGMENT_JOB_TASK,
     SEGMENT_TASK,
     celery_app,
+    send_warm,
 )
 
 log = logging.getLogger("uplvp.worker")
@@ -294,6 +298,8 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
     if s.infer_backend == "onnx" and out["kind"] == "finetuned":
         reg.update_job(job_id, stage="exporting")  # so that the first POST /segment finds the graph ready
         _export_quietly(reg, job["name"], rec["version"])
+    if out["kind"] == "finetuned":
+        send_warm(celery_app, job["name"], rec["version"])
     reg.finish_job(job_id, "succeeded", result={"model": job["name"], "version": rec["version"],
                                                 "metrics": out["metrics"], **out["result"]})
     return "succeeded"
@@ -449,20 +455,29 @@ def segment(artifact: str, sha256: str, images: list[list[str]], score_threshold
 @celery_app.task(name=SEGMENT_JOB_TASK, acks_late=False)
 def segment_job(job_id: str, artifact: str, sha256: str, images: list[list[str]], score_threshold: float,
                 fmt: str, name: str | None = None, version: int | None = None) -> str:
-    """POST /segment with async=true: the same work, the instances stored in the job record."""
-    reg = registry()
-    status = reg.start_job(job_id)
-    if status != "started":
-        return status
-    reg.update_job(job_id, stage="segmenting")
-    out = _segment(artifact, sha256, images, score_threshold, fmt, name, version)
-    if "error" in out:
-        reg.finish_job(job_id, "failed", error=out["error"])
-        return "failed"
-    job = reg.get_job(job_id)
-    reg.finish_job(job_id, "succeeded", output={"model": job["params"]["model"], "version": job["params"]["version"],
-                                                "images": out["results"]})
-    return "succeeded"
+    """POST /segment with async=true: the same work, the instances stored in the job record. It holds the
+    job's run lock while it runs (taken before the job shows as running), so that the reaper fails the job
+    (worker_lost) when this worker dies, instead of leaving it running for ever."""
+    reg, s = registry(), get_settings()
+    token = reg.acquire_lock(job_id, s.job_lock_ttl_s)
+    if token is None:
+        return "locked"  # another delivery of this job runs it
+    try:
+        with LockKeeper(reg, job_id, token, s.job_lock_ttl_s):
+            status = reg.start_job(job_id)
+            if status != "started":
+                return status
+            reg.update_job(job_id, stage="segmenting")
+            out = _segment(artifact, sha256, images, score_threshold, fmt, name, version)
+            if "error" in out:
+                reg.finish_job(job_id, "failed", error=out["error"])
+                return "failed"
+            job = reg.get_job(job_id)
+            reg.finish_job(job_id, "succeeded", output={"model": job["params"]["model"],
+                                                        "version": job["params"]["version"], "images": out["results"]})
+            return "succeeded"
+    finally:
+        reg.release_lock(job_id, token)
 
 
 @celery_app.task(name=EXPORT_TASK, acks_late=False)
@@ -479,3 +494,44 @@ def export(name: str, version: int, fmt: str) -> dict[str, Any]:
         return {"error": {"code": "artifact_unavailable", "message": str(exc)}}
     except UplvpError as exc:
         return {"error": {"code": exc.code, "message": str(exc)}}
+
+
+def _warm_photo() -> bytes:
+    """A 512x384 JPEG (the shape of most photos once resized): what a warm-up segments."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((512, 384)).convert("RGB").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@celery_app.task(name=WARM_TASK, acks_late=False)
+def warm(name: str | None = None, version: int | None = None) -> list[str]:
+    """Load `name` v`version` (or, without a name, every model's production version, as many as the cache
+    holds) the way POST /segment would, and segment one photo with it; returns what was warmed."""
+    from models.pipeline import segment as run_segment
+
+    global _predictors
+    reg, s = registry(), get_settings()
+    if _predictors is None:
+        from models.pipeline import PredictorCache
+
+        _predictors = PredictorCache(s.model_cache_size, s.worker_threads)
+    try:
+        recs = ([reg.get_version(name, version)] if name is not None and version is not None else
+                [reg.get_version(n, reg.aliases(n)["production"]) for n in reg.model_names()
+                 if "production" in reg.aliases(n)][: s.model_cache_size])
+    except NotFound as exc:
+        log.info("nothing to warm: %s", exc)
+        return []
+    warmed, photo = [], _warm_photo()
+    for rec in recs:
+        try:
+            run_segment(_predictor(rec["artifact"], rec["sha256"], rec["name"], rec["version"]),
+                        [("warm.jpg", photo)], 1.0, "json")
+            warmed.append(f"{rec['name']}:{rec['version']}")
+        except Exception as exc:  # noqa: BLE001 - a model that cannot load fails its own requests, not this
+            log.warning("warm-up of %s v%s failed: %s", rec["name"], rec["version"], exc)
+    return warmed

@@ -62,3 +62,49 @@ def test_killed_worker_job_is_requeued_and_resumes_from_checkpoint(registry: Reg
     assert recovered_in < 90, recovered_in
     rec = registry.get_version("resumed", job["result"]["version"])
     assert rec["params"]["epochs"] == 30
+
+
+def test_killed_infer_worker_fails_its_async_segment_job(registry: Registry, service_env: dict[str, str],
+                                                         client: Any, tmp_path: Path) -> None:
+    """SIGKILL while an async segment job runs: its lock expires (4 s here) and a live worker's reaper fails
+    it with worker_lost (its images travel in the task only), within a bounded time, instead of it staying
+    `running` for ever."""
+    import base64
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    from models.config import ModelConfig, TrainConfig
+    from models.engine.checkpoint import save_checkpoint
+    from models.nets.build import build_model
+    from worker.celery_app import SEGMENT_JOB_TASK
+
+    # a full-width model at 640 px, so that segmenting 16 photos on one thread takes seconds, not milliseconds
+    cfg = ModelConfig(num_classes=1, backbone_weights="none", num_kernels=100)
+    ckpt = save_checkpoint(tmp_path / "heavy.pt", build_model(cfg), cfg, TrainConfig(short_side=640, max_long_side=960),
+                           [{"id": 1, "name": "thing"}], [])
+    rec = registry.register_version("heavy", ckpt, {}, [{"id": 1, "name": "thing"}], {}, None, "0" * 64, "job-heavy")
+    jpg = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(jpg, format="JPEG")
+    payload = [[f"p{i}.jpg", base64.b64encode(jpg.getvalue()).decode()] for i in range(16)]
+    job_id = registry.new_job_id()
+    registry.create_job(job_id, "heavy", {"model": "heavy", "version": rec["version"], "images": 16},
+                        {"num_images": 16}, f"heavy:{rec['version']}", kind="segment")
+    doomed = _worker({**service_env, "UPLVP_JOB_LOCK_TTL_S": "4"}, tmp_path / "workers.log", "doomed-infer")
+    try:
+        client.app.state.celery.send_task(SEGMENT_JOB_TASK, queue=QUEUE, args=[
+            job_id, rec["artifact"], rec["sha256"], payload, 0.3, "json", "heavy", rec["version"]])
+        _wait(lambda: registry.get_job(job_id)["state"] == "running", 90, "the segment job to run")
+    finally:
+        doomed.kill()
+        doomed.wait()
+    killed_at = time.monotonic()
+    assert registry.get_job(job_id)["state"] == "running"
+    try:
+        _wait(lambda: registry.get_job(job_id)["state"] != "running", 60, "the reaper")
+        job = registry.get_job(job_id)
+        assert job["state"] == "failed" and job["error"]["code"] == "worker_lost", job
+        assert "send them again" in job["error"]["message"] and time.monotonic() - killed_at < 30
+    finally:
+        registry.delete_version("heavy", rec["version"])

@@ -75,12 +75,17 @@ def test_reaper_requeues_a_running_job_without_lock_then_fails_it(registry: Regi
     job = registry.get_job(job_id)
     assert job["state"] == "failed" and job["error"]["code"] == "worker_lost"
     assert job_id not in registry.r.smembers(f"{P}jobs:active")
-    segment_job = registry.new_job_id()  # an async segment job runs without a lock: never reaped
+    segment_job = registry.new_job_id()  # an async segment job holds the lock too; without it, it fails at once
     registry.create_job(segment_job, "orphan", {}, {}, None, kind="segment")
+    token = registry.acquire_lock(segment_job, 30)
     registry.start_job(segment_job)
-    assert all(j != segment_job for j, _, _ in registry.requeue_orphans(max_attempts=2))
+    assert all(j != segment_job for j, _, _ in registry.requeue_orphans(max_attempts=2))  # locked: alive
     assert registry.get_job(segment_job)["state"] == "running"
-    registry.finish_job(segment_job, "succeeded")
+    registry.release_lock(segment_job, token)
+    assert (segment_job, "segment", "failed") in registry.requeue_orphans(max_attempts=2)  # not re-sent: no images
+    job = registry.get_job(segment_job)
+    assert job["state"] == "failed" and job["error"]["code"] == "worker_lost" and "send them again" in \
+        job["error"]["message"]
 
 
 def test_budgeted_finetune_reports_progress_and_eta_from_its_budget(registry: Registry) -> None:
@@ -130,6 +135,12 @@ def test_segment_serves_the_onnx_export_once_it_exists(registry: Registry, setti
         assert len(got) == len(want) > 0
         assert [i["score"] for i in got[:5]] == pytest.approx([i["score"] for i in want[:5]], abs=1e-3)
         assert got[0]["segmentation"]["size"] == [375, 500] and isinstance(got[0]["polygons"], list)
+        # the warm-up (an infer worker's start, a promote, a fresh version) loads the version the same way
+        monkeypatch.setattr(tasks, "_predictors", None)
+        registry.promote("onnxserve", rec["version"])
+        assert f"onnxserve:{rec['version']}" in tasks.warm()  # every production version
+        assert (rec["artifact"], rec["sha256"], "onnx") in tasks._predictors
+        registry.r.hdel(f"{P}model:onnxserve:aliases", "production")  # so that the version can be deleted
     finally:
         registry.delete_version("onnxserve", rec["version"])
         assert not registry.store.exists(f"models/onnxserve/v{rec['version']}/model.onnx")

@@ -16,7 +16,7 @@ from app.core.security import WriteAccess, read_access
 from app.registry import Conflict, NotFound, Registry
 from app.schemas import ErrorResponse, ModelDetail, ModelSummary, ModelVersion
 from app.storage import ArtifactError
-from worker.celery_app import EXPORT_TASK
+from worker.celery_app import EXPORT_TASK, send_warm
 
 log = logging.getLogger("uplvp.api")
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(read_access)])
@@ -61,9 +61,12 @@ def get_version(name: str, version: int, registry: RegistryDep) -> dict[str, Any
 
 @router.post("/{name}/versions/{version}/promote", response_model=ModelVersion, responses=NOT_FOUND,
              summary="Make this version production (to roll back, promote an older one)")
-def promote(name: str, version: int, registry: RegistryDep, _: WriteAccess) -> dict[str, Any]:
-    """POST /segment without a version uses it from now on."""
-    return _call(registry.promote, name, version)
+def promote(name: str, version: int, registry: RegistryDep, celery: CeleryDep, _: WriteAccess) -> dict[str, Any]:
+    """POST /segment without a version uses it from now on; an infer worker loads it now (its first request
+    is then as fast as the next)."""
+    rec = _call(registry.promote, name, version)
+    send_warm(celery, name, version)
+    return rec
 
 
 @router.delete("/{name}/versions/{version}", status_code=204,
