@@ -33,7 +33,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from app.core.config import Settings
-from app.storage import ArtifactStore, LocalStore, build_store
+from app.storage import ArtifactError, ArtifactStore, LocalStore, build_store
 
 log = logging.getLogger("uplvp.registry")
 
@@ -332,8 +332,8 @@ class Registry:
 
     def requeue_orphans(self, max_attempts: int) -> list[tuple[str, str, str]]:
         """Running jobs whose lock expired (their worker died): back to queued, or failed after
-        `max_attempts` runs (an async segment job fails at once: its images are not kept). Returns [(job id, kind, "requeued" | "failed")]; the caller re-sends
-        the requeued ones' tasks. Atomic per job, so several workers may call it at once."""
+        `max_attempts` runs (an async segment job fails at once: its images are not kept). Returns
+        [(job id, kind, "requeued" | "failed")]; the caller re-sends the requeued ones' tasks. Atomic per job, so several workers may call it at once."""
         out = []
         for job_id in self.r.smembers(f"{P}jobs:active"):
             state, kind = self.r.hmget(f"{P}job:{job_id}", "state", "kind")
@@ -406,6 +406,19 @@ class Registry:
     def fetch_artifact(self, record: dict[str, Any]) -> Path:
         """A local file of a version's checkpoint, checked against its sha256 (ArtifactError if not)."""
         return self.store.fetch(record["artifact"], record["sha256"])
+
+    def fetch_export(self, record: dict[str, Any], fmt: str) -> tuple[dict[str, Any], Path] | None:
+        """A version's stored export in `fmt` as ({key, sha256, size_bytes}, its local file), checked against
+        its sha256; None when there is none, or when the stored file no longer matches (it is to be made again,
+        never used)."""
+        entry = record["exports"].get(fmt)
+        if entry is None:
+            return None
+        try:
+            return entry, self.store.fetch(entry["key"], entry["sha256"])
+        except ArtifactError as exc:
+            log.warning("stored %s export of %s v%s is unusable: %s", fmt, record["name"], record["version"], exc)
+            return None
 
     def register_version(self, name: str, src: str | Path, metrics: dict[str, Any],
                          categories: list[dict[str, Any]], params: dict[str, Any], parent: dict[str, Any] | None,

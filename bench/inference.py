@@ -99,7 +99,7 @@ def quantize(src: Path, dest: Path) -> Path:
     quantize_dynamic(str(src), str(dest), weight_type=QuantType.QInt8)
     import onnx
 
-    # quantize_dynamic keeps the graph's metadata? it copies the model; make sure the uplvp block survives
+    # OnnxSegmenter reads the model's settings from the "uplvp" metadata: carry it over if quantizing dropped it
     m = onnx.load(str(dest))
     if not any(p.key == "uplvp" for p in m.metadata_props):
         for p in onnx.load(str(src)).metadata_props:

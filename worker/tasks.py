@@ -356,13 +356,9 @@ def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshol
     as its ONNX export when the backend is onnx and the version is known (UPLVP_INFER_BACKEND)."""
     from models.engine.inference import OnnxPredictor
     from models.errors import UplvpError
-    from models.pipeline import PredictorCache
     from models.pipeline import segment as run_segment
 
-    global _predictors
     s = get_settings()
-    if _predictors is None:
-        _predictors = PredictorCache(s.model_cache_size, s.worker_threads)
     t0 = time.perf_counter()
     try:
         predictor = _predictor(artifact, sha256, name, version)
@@ -384,18 +380,22 @@ def _predictor(artifact: str, sha256: str, name: str | None, version: int | None
     """The loaded model for a version: its stored ONNX export under ONNX Runtime (backend onnx), else the
     checkpoint under PyTorch. A version without an export yet (trained before exports, or by a worker with
     the torch backend) is served by PyTorch at once while an export is asked for, once per process."""
-    reg = registry()
-    if get_settings().infer_backend == "onnx" and name is not None and version is not None:
+    global _predictors
+    reg, s = registry(), get_settings()
+    if _predictors is None:
+        from models.pipeline import PredictorCache
+
+        _predictors = PredictorCache(s.model_cache_size, s.worker_threads)
+    if s.infer_backend == "onnx" and name is not None and version is not None:
         key = (artifact, sha256, "onnx")
         if key in _predictors:
             return _predictors.get(key)
-        entry = reg.get_version(name, version)["exports"].get("onnx")
-        if entry is not None:
+        stored = reg.fetch_export(reg.get_version(name, version), "onnx")  # None: missing or torn
+        if stored is not None:
             try:
-                path = reg.store.fetch(entry["key"], entry["sha256"])
-                return _predictors.get(key, onnx=lambda: path)
-            except Exception as exc:  # noqa: BLE001 - a torn file, an ONNX Runtime error: PyTorch serves it
-                log.warning("stored export of %s v%s is unusable: %s", name, version, exc)
+                return _predictors.get(key, onnx=lambda: stored[1])
+            except Exception as exc:  # noqa: BLE001 - an ONNX Runtime error: PyTorch serves it
+                log.warning("the ONNX export of %s v%s does not load: %s", name, version, exc)
         if (name, version) not in _exports_asked:
             _exports_asked.add((name, version))
             _ask_export(name, version)
@@ -427,12 +427,9 @@ def stored_export(reg: Registry, name: str, version: int, fmt: str = "onnx") -> 
     from models.engine.export import export_onnx
 
     rec = reg.get_version(name, version)
-    entry = rec["exports"].get(fmt)
-    if entry is not None:
-        try:
-            return entry, reg.store.fetch(entry["key"], entry["sha256"])
-        except ArtifactError as exc:
-            log.warning("stored export of %s v%s is unusable, exporting again: %s", name, version, exc)
+    stored = reg.fetch_export(rec, fmt)
+    if stored is not None:
+        return stored
     with tempfile.TemporaryDirectory(dir=get_settings().data_dir) as tmp:
         out = Path(tmp) / f"model.{fmt}"
         export_onnx(reg.fetch_artifact(rec), out)
@@ -513,16 +510,13 @@ def warm(name: str | None = None, version: int | None = None) -> list[str]:
     holds) the way POST /segment would, and segment one photo with it; returns what was warmed."""
     from models.pipeline import segment as run_segment
 
-    global _predictors
     reg, s = registry(), get_settings()
-    if _predictors is None:
-        from models.pipeline import PredictorCache
-
-        _predictors = PredictorCache(s.model_cache_size, s.worker_threads)
     try:
-        recs = ([reg.get_version(name, version)] if name is not None and version is not None else
-                [reg.get_version(n, reg.aliases(n)["production"]) for n in reg.model_names()
-                 if "production" in reg.aliases(n)][: s.model_cache_size])
+        if name is not None and version is not None:
+            recs = [reg.get_version(name, version)]
+        else:
+            production = [(n, reg.aliases(n).get("production")) for n in reg.model_names()]
+            recs = [reg.get_version(n, v) for n, v in production if v is not None][: s.model_cache_size]
     except NotFound as exc:
         log.info("nothing to warm: %s", exc)
         return []

@@ -32,7 +32,6 @@ from torch import nn
 from models.config import ModelConfig
 from models.errors import CheckpointError, UplvpError
 
-EXPORT_FORMATS = ("pt", "onnx")  # what a model version can be downloaded as
 ONNX_FORMAT = "uplvp-onnx/1"
 OPSET = 18
 SIZE_DIVISOR = 32

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any, Literal
 
 from celery import Celery
@@ -18,7 +17,6 @@ from app.schemas import ErrorResponse, ModelDetail, ModelSummary, ModelVersion
 from app.storage import ArtifactError
 from worker.celery_app import EXPORT_TASK, send_warm
 
-log = logging.getLogger("uplvp.api")
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(read_access)])
 NOT_FOUND = {404: {"model": ErrorResponse}}
 
@@ -105,27 +103,19 @@ def download(name: str, version: int, registry: RegistryDep, settings: SettingsD
     time and stored beside the checkpoint; a stored export that no longer matches its sha256 is made again,
     never served."""
     rec = _call(registry.get_version, name, version)
-    if format == "pt":
-        entry = {"key": rec["artifact"], "sha256": rec["sha256"]}
-    else:
-        entry = rec["exports"].get(format)
-        if entry is None or not _intact(registry, entry):
-            entry = _export(celery, settings.export_timeout_s, name, version, format)
     try:
-        path = registry.store.fetch(entry["key"], entry["sha256"])  # never serve a torn or replaced file
+        if format == "pt":
+            entry, path = {"sha256": rec["sha256"]}, registry.fetch_artifact(rec)  # never serve a torn file
+        else:
+            stored = registry.fetch_export(rec, format)  # None when missing, or torn: then made again
+            if stored is None:
+                entry = _export(celery, settings.export_timeout_s, name, version, format)
+                stored = entry, registry.store.fetch(entry["key"], entry["sha256"])
+            entry, path = stored
     except ArtifactError as exc:
         raise ApiError(500, "artifact_unavailable", f"{name} v{version}: {exc}") from None
     return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-v{version}.{format}",
                         headers={"X-Checksum-Sha256": entry["sha256"]})
-
-
-def _intact(registry: Registry, entry: dict[str, Any]) -> bool:
-    try:
-        registry.store.fetch(entry["key"], entry["sha256"])
-        return True
-    except ArtifactError as exc:
-        log.warning("stored export %s is unusable, exporting again: %s", entry["key"], exc)
-        return False
 
 
 def _export(celery: Celery, timeout: float, name: str, version: int, fmt: str) -> dict[str, Any]:
