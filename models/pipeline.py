@@ -33,8 +33,10 @@ Stage = str  # "validating" | "teaching" | "proposing" | "pretraining" | "finetu
 EVAL_EVERY_EPOCH_MAX = 100  # val images up to which every epoch is evaluated (AP per epoch in the curves)
 MAX_BUDGET_EPOCHS = 10_000  # a budgeted run's epoch cap when none is given: the budget decides
 # A budgeted UPLVP job (FinetuneParams.pretrain) shares its one budget: the `self` engine's teacher,
-# then pre-training, then the fine-tuning gets the rest (the proposals' own time comes off it).
-TEACHER_SHARE, PRETRAIN_SHARE = 0.35, 0.25
+# then the proposals (at most PROPOSAL_SHARE: a pool of a thousand photos at ~1 image/s would
+# otherwise eat the whole budget; a uniform sample of it is proposed instead), then pre-training,
+# then the fine-tuning gets the rest.
+TEACHER_SHARE, PROPOSAL_SHARE, PRETRAIN_SHARE = 0.35, 0.15, 0.25
 MIN_KERNELS = 50
 # image_size 0 follows the data (image_size_for): the short side that makes the median instance
 # OBJECT_PX pixels across, between AUTO_SIZE_MIN and AUTO_SIZE_MAX (a CPU's cost grows with its square)
@@ -136,6 +138,7 @@ class FinetuneParams:
     # UPLVP: propose pseudo masks on the dataset's images (vocabulary = its category names) and
     # pre-train the kernels on them before fine-tuning (the paper's pipeline, on the user's own photos).
     # With a time budget the whole job fits in it: the `self` engine's teacher takes TEACHER_SHARE of it,
+    # the proposals at most PROPOSAL_SHARE (a seeded sample of the pool when it cannot all be proposed),
     # pre-training PRETRAIN_SHARE (capped by pretrain_epochs when given), the fine-tuning what is left.
     pretrain: bool = False
     pretrain_epochs: int = 0  # 0: as many as `epochs` (12 when those are planned; the budget's share with one)
@@ -436,9 +439,13 @@ def run_finetune(
             teacher = train_teacher(train_ann, train_images, val_ann, val_images, work / "teacher", params, hooks)
         init = run_uplvp_pretraining(folders, list(categories.names), work / "pretrain",
                                      dataclasses.replace(params, kernels=mcfg.num_kernels), hooks, teacher=teacher)
+        pretrain_minutes = round((time.monotonic() - job_t0) / 60, 2)
         if tcfg.time_budget_s:  # the fine-tuning gets what the teacher, proposals and pre-training left
             left = tcfg.time_budget_s - (time.monotonic() - job_t0)
             tcfg = dataclasses.replace(tcfg, time_budget_s=max(60.0 * MIN_TIME_BUDGET_MIN, left))
+    uplvp = pseudo_summary(work / "pretrain" / "pseudo.json") if params.pretrain else None
+    if uplvp is not None and params.pretrain and state is None:
+        uplvp["minutes_before_finetuning"] = pretrain_minutes
 
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
@@ -478,7 +485,7 @@ def run_finetune(
                 "time_budget_min": params.time_budget_min or None, "stopped": run.stopped,
                 "selected_epoch": run.best["epoch"] if run.best is not None and tcfg.keep_best else run.epoch,
                 "kernels": mcfg.num_kernels if mcfg.arch == "knet" else None, "max_instances_per_image": most,
-                "image_size": [tcfg.short_side, tcfg.max_long_side],
+                "image_size": [tcfg.short_side, tcfg.max_long_side], "uplvp": uplvp,
                 "train_time_s": round(sum(e.get("train_time_s", 0.0) + e.get("eval_time_s", 0.0)
                                           for e in run.history), 1)}
 
@@ -529,6 +536,17 @@ def image_pool(folders: list[Path], pool: Path) -> Path:
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(f.resolve())
     return pool
+
+
+def pseudo_summary(pseudo: Path) -> dict[str, Any] | None:
+    """What a job's Masks Proposal made (None before it ran): the engine, the images of the pool, how many
+    of them were proposed on (fewer when the proposals' share of a budget ran out) and the pseudo masks."""
+    if not pseudo.is_file():
+        return None
+    coco = json.loads(pseudo.read_text())
+    proposed = len(coco["images"])
+    return {"engine": coco["info"]["engine"], "pseudo_masks": len(coco["annotations"]), "images_proposed": proposed,
+            "pool_images": proposed + len(coco.get("skipped", [])) + coco["info"].get("images_not_reached", 0)}
 
 
 def train_teacher(
@@ -598,8 +616,12 @@ def run_uplvp_pretraining(
         if params.threads:
             torch.set_num_threads(params.threads)
         engine = build_engine(params.proposal_engine, vocabulary, model=teacher, min_score=params.self_min_score)
+        # inside a job's budget the proposals have their share of it; pre-training done once on its
+        # own budget (budget_min) proposes on the whole pool
+        limit = 60.0 * params.time_budget_min * PROPOSAL_SHARE if budget_min is None else 0.0
         propose_folder(images, engine, pseudo.with_suffix(".tmp.json"), max_masks=params.max_masks,
-                       progress=hooks.on_proposal, should_stop=hooks.should_stop)
+                       progress=hooks.on_proposal, should_stop=hooks.should_stop, max_seconds=limit,
+                       seed=params.seed)
         if hooks.should_stop and hooks.should_stop():
             raise TrainingCancelled("cancelled while proposing pseudo masks")
         pseudo.with_suffix(".tmp.json").replace(pseudo)

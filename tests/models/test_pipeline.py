@@ -168,6 +168,11 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
     for a in pseudo["annotations"]:
         per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
     assert pseudo["annotations"] and max(per_image.values()) <= 3
+    # the job's result says what the proposals made (the pool is the labelled folder: 4 photos)
+    uplvp = dict(res.metrics["training"]["uplvp"])
+    assert uplvp.pop("minutes_before_finetuning") > 0
+    assert uplvp == {"engine": "self", "pseudo_masks": len(pseudo["annotations"]), "images_proposed": 4,
+                     "pool_images": 4}
 
     engine = SelfEngine(teacher, min_score=0.0)
     photo = Image.open(images / "voc_0.jpg").convert("RGB")
@@ -194,3 +199,29 @@ def test_a_budgeted_uplvp_job_shares_one_budget():
     own = FinetuneParams(time_budget_min=10, pretrain=True).pretrain_config(budget_min=4)
     assert own.time_budget_s == 240 and own.epochs == MAX_BUDGET_EPOCHS
     assert FinetuneParams(epochs=5, pretrain=True).pretrain_config(budget_min=2).time_budget_s == 120
+
+
+def test_a_budgeted_uplvp_job_gives_its_proposals_a_share_of_the_budget(monkeypatch, tmp_path: Path, voc4):
+    """A pool of a thousand photos at ~1 image/s must not eat a 15-minute budget: inside a job the
+    proposals get PROPOSAL_SHARE of it (a seeded sample of the pool); pre-training done once on its
+    own budget proposes on all of it."""
+    import models.uplvp.proposals as proposals
+    from models.pipeline import PROPOSAL_SHARE, run_uplvp_pretraining
+
+    calls: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_propose_folder(*args, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(proposals, "propose_folder", fake_propose_folder)
+    _, images = voc4
+    params = FinetuneParams(time_budget_min=10, pretrain=True, proposal_engine="grid", seed=3)
+    with pytest.raises(Stop):
+        run_uplvp_pretraining(images, ["cat"], tmp_path / "a", params)
+    with pytest.raises(Stop):
+        run_uplvp_pretraining(images, ["cat"], tmp_path / "b", params, budget_min=5)
+    assert [(c["max_seconds"], c["seed"]) for c in calls] == [(600 * PROPOSAL_SHARE, 3), (0.0, 3)]

@@ -5,13 +5,16 @@ vocabulary, ids 1..V), `annotations` (RLE segmentation, bbox, area, score, iscro
 plus `info` (engine, vocabulary, K) and `skipped` (images that could not be decoded, with the
 reason). Progress is appended to `<out>.partial.jsonl` one image per line, so a run that is
 stopped (Ctrl-C, a killed worker) continues where it left off when started again with the
-same arguments.
+same arguments. A run with a time limit (`max_seconds`, what a budgeted UPLVP job gives its
+proposals) visits the images in a seeded random order and ends when the time is spent: the
+images it reached are a uniform sample of the folder, not its first files by name.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -63,12 +66,19 @@ def propose_folder(
     max_masks: int = 10,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    max_seconds: float = 0.0,
+    seed: int = 0,
 ) -> dict:
     """Propose for every image under `image_dir` and write a COCO JSON to `out`; returns it.
 
     Resumes from `<out>.partial.jsonl` when it was written by a run with the same engine,
     vocabulary and K. `progress(done, total)` is called after each image; `should_stop()`
-    returning True stops after the current image (the partial file keeps what was done).
+    returning True stops after the current image (the partial file keeps what was done), and
+    the return is {} (nothing written to `out`).
+
+    `max_seconds` > 0 limits this call's proposing time: the images are visited in an order
+    shuffled by `seed`, and once the time is spent the file is written with the images reached
+    so far; ``info["images_not_reached"]`` counts the others (0 when every image was proposed).
     """
     if max_masks < 1:
         raise ConfigError(f"max_masks must be >= 1, got {max_masks}")
@@ -93,11 +103,18 @@ def propose_folder(
     if not partial.is_file():
         partial.write_text(json.dumps(header) + "\n", encoding="utf-8")
     t0 = time.perf_counter()
+    order = list(files)
+    if max_seconds > 0:  # a time-limited run reaches a uniform sample of the pool, whatever its names
+        random.Random(seed).shuffle(order)
+    out_of_time = False
     with partial.open("a", encoding="utf-8") as log:
-        for i, path in enumerate(files):
+        for i, path in enumerate(order):
             rel = path.relative_to(image_dir).as_posix()
             if rel not in done:
                 if should_stop is not None and should_stop():
+                    break
+                if max_seconds > 0 and time.perf_counter() - t0 >= max_seconds:
+                    out_of_time = True
                     break
                 try:
                     img = load_image(path)
@@ -110,9 +127,11 @@ def propose_folder(
                 done[rel] = rec
             if progress is not None:
                 progress(i + 1, len(files))
-    if len(done) < len(files):
+    if len(done) < len(files) and not out_of_time:
         return {}
-    coco = _assemble(files, image_dir, done, header, time.perf_counter() - t0)
+    reached = [f for f in files if f.relative_to(image_dir).as_posix() in done]
+    coco = _assemble(reached, image_dir, done, header, time.perf_counter() - t0)
+    coco["info"]["images_not_reached"] = len(files) - len(reached)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(coco), encoding="utf-8")
     os.replace(tmp, out)

@@ -75,6 +75,37 @@ def test_a_stopped_run_resumes_where_it_left_off(folder, tmp_path):
     assert sorted(im["id"] for im in coco["images"]) == sorted({a["image_id"] for a in coco["annotations"]})
 
 
+def test_a_time_limited_run_proposes_a_seeded_sample_and_says_how_many_it_did_not_reach(tmp_path, chelsea):
+    """What a budgeted UPLVP job does with a pool too large for its proposals' share of the budget:
+    a random sample (not the first files by name) is proposed, written as a normal file, and the
+    rest is counted."""
+    import time
+
+    d = tmp_path / "pool"
+    d.mkdir()
+    for i in range(8):
+        chelsea.resize((64 + i, 48)).save(d / f"{i:02d}.png")
+
+    class Slow(GridEngine):
+        def propose(self, image, max_masks):
+            time.sleep(0.25)
+            return super().propose(image, max_masks)
+
+    def run(seed: int, name: str) -> dict:
+        return propose_folder(d, Slow(), tmp_path / name, max_masks=2, max_seconds=0.4, seed=seed)
+
+    coco = run(0, "a.json")
+    reached = [im["file_name"] for im in coco["images"]]
+    assert 1 <= len(reached) <= 2 and coco["info"]["images_not_reached"] == 8 - len(reached)
+    assert json.loads((tmp_path / "a.json").read_text()) == coco and len(coco["annotations"]) == 2 * len(reached)
+    assert not (tmp_path / "a.json.partial.jsonl").exists()
+    firsts = {run(seed, f"s{seed}.json")["images"][0]["file_name"] for seed in range(6)}
+    assert len(firsts) > 1  # the order is shuffled by the seed, not the folder's sorted order
+    assert run(0, "again.json")["images"][0]["file_name"] == reached[0]  # and the same seed gives the same sample
+    full = propose_folder(d, GridEngine(), tmp_path / "full.json", max_masks=2)  # no limit: every image
+    assert len(full["images"]) == 8 and full["info"]["images_not_reached"] == 0
+
+
 def test_changed_arguments_start_over(folder, tmp_path):
     out = tmp_path / "p.json"
     propose_folder(folder, GridEngine(), out, max_masks=1, should_stop=lambda: True)
