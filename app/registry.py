@@ -89,6 +89,14 @@ redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[1])
 return 'requeued'
 """
 
+# A queued job whose message expired before any worker started it will never run: fail it.
+_FAIL_UNSTARTED = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 'not_queued' end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[1], 'updated_at', ARGV[1], 'error', ARGV[2])
+redis.call('SREM', KEYS[2], ARGV[3])
+return 'failed'
+"""
+
 _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -153,6 +161,7 @@ class Registry:
         self._refresh = client.register_script(_REFRESH)
         self._release = client.register_script(_RELEASE)
         self._requeue_orphan = client.register_script(_REQUEUE_ORPHAN)
+        self._fail_unstarted = client.register_script(_FAIL_UNSTARTED)
 
     # ------------------------------------------------------------------ jobs
 
@@ -352,6 +361,28 @@ class Registry:
             if res in ("requeued", "failed"):
                 out.append((job_id, kind or "finetune", res))
             if res == "failed":
+                self._finished(job_id)
+        return out
+
+    def fail_unstarted(self, max_age_s: float) -> list[str]:
+        """Async segment jobs still queued `max_age_s` after they were created (their message expired with
+        them: it was lost with a worker killed after taking it, or no infer worker came in time): failed
+        with not_started, since nothing will run them. Returns their ids. Atomic per job (a worker that
+        starts one at the same moment either runs it or finds it failed)."""
+        out = []
+        limit = datetime.now(UTC).timestamp() - max_age_s
+        for job_id in self.r.smembers(f"{P}jobs:active"):
+            state, kind, created = self.r.hmget(f"{P}job:{job_id}", "state", "kind", "created_at")
+            if state != "queued" or kind != "segment" or not created:
+                continue
+            if datetime.strptime(created, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp() > limit:
+                continue
+            error = _dump({"code": "not_started", "message": f"no infer worker started this job within {max_age_s:g} s "
+                           "(UPLVP_SEGMENT_JOB_EXPIRY_S): its message was lost or no infer worker is up; send the "
+                           "images again"})
+            if str(self._fail_unstarted(keys=[f"{P}job:{job_id}", f"{P}jobs:active"],
+                                        args=[now_iso(), error, job_id])) == "failed":
+                out.append(job_id)
                 self._finished(job_id)
         return out
 

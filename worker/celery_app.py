@@ -79,6 +79,8 @@ def _heartbeat_loop(hostname: str) -> None:
                 log.warning("job %s lost its worker: %s", job_id, outcome)
                 if outcome == "requeued" and kind in tasks:
                     celery_app.send_task(tasks[kind], args=[job_id], queue="train")
+            for job_id in registry.fail_unstarted(s.segment_job_expiry_s):
+                log.warning("async segment job %s was never started: failed (not_started)", job_id)
         except Exception as exc:  # noqa: BLE001 - Redis down for a moment: try again next period
             log.warning("heartbeat failed (%s); retrying in %s s", exc, s.heartbeat_s)
         _stop.wait(s.heartbeat_s)

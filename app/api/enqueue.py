@@ -14,10 +14,12 @@ from app.core.errors import ApiError
 from app.registry import Registry
 
 
-def enqueue(registry: Registry, celery: Celery, job_id: str, task: str, args: list[Any], queue: str) -> str:
-    """Send `task` (its Celery id is the job id) to `queue`; returns the job's Location path."""
+def enqueue(registry: Registry, celery: Celery, job_id: str, task: str, args: list[Any], queue: str,
+            expires: float | None = None) -> str:
+    """Send `task` (its Celery id is the job id) to `queue`, to run within `expires` s if given (a worker
+    drops it after that); returns the job's Location path."""
     try:
-        celery.send_task(task, args=args, task_id=job_id, queue=queue)
+        celery.send_task(task, args=args, task_id=job_id, queue=queue, expires=expires)
     except Exception as exc:  # noqa: BLE001 - broker unreachable
         registry.finish_job(job_id, "failed", error={"code": "queue_unavailable", "message": str(exc)})
         raise ApiError(503, "queue_unavailable", f"could not queue the job: {exc}") from None

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     default_time_budget_min: float = Field(15.0, ge=1.0, description="training minutes of a POST /finetune that gives "
                                            "neither epochs nor time_budget_min (the schedule is laid out for them)")
     segment_timeout_s: float = Field(60.0, gt=0, description="POST /segment waits this long for the infer worker")
+    segment_job_expiry_s: float = Field(3600.0, gt=0, description="an async segment job that no infer worker started "
+                                        "within this long (its message lost with a killed worker, or no infer worker "
+                                        "up) fails with not_started; its message expires with it")
     export_timeout_s: float = Field(300.0, gt=0, description="a download with format=onnx waits this long for the "
                                     "infer worker to export the version (once; later downloads read the stored file)")
     max_segment_images: int = Field(16, gt=0, description="images per POST /segment request")

@@ -82,7 +82,10 @@ async function showModel(name) {
     const pre = v.metrics && v.metrics.pretrain;
     return `<tr><td>v${v.version}</td><td>${v.kind}</td><td>${pre ? "loss " + pre.loss_last.toFixed(3) : pct(s.AP)}</td>
       <td>${pre ? "–" : pct(s.AP50)}</td><td>${v.aliases.join(", ")}</td><td>${v.created_at.slice(0, 19)}</td>
-      <td><button class="small promote" type="button" data-version="${v.version}">promote</button></td></tr>`;
+      <td><button class="small promote" type="button" data-version="${v.version}">promote</button></td>
+      <td><button class="small download" type="button" data-version="${v.version}" data-format="pt">.pt</button>
+      <button class="small download" type="button" data-version="${v.version}" data-format="onnx"
+        title="the K-Net graph for ONNX Runtime alone (client/onnx_model.py); exported on the first download">.onnx</button></td></tr>`;
   }).join("");
   const latest = m.items[m.items.length - 1];
   const perCat = (latest && latest.metrics && latest.metrics.per_category) || {};
@@ -91,16 +94,36 @@ async function showModel(name) {
       class="report" data-src="/models/${encodeURIComponent(name)}/versions/${latest.version}/reports/${r}.png">
       <figcaption>${r === "curves" ? "learning curve" : "validation images: ground truth | predictions"} (v${latest.version})</figcaption></figure>`).join("");
   $("model-detail").innerHTML = `<h3>${name}</h3>
-    <table id="versions"><tr><th>version</th><th>kind</th><th>mask AP</th><th>AP50</th><th>aliases</th><th>created</th><th></th></tr>${rows}</table>
+    <table id="versions"><tr><th>version</th><th>kind</th><th>mask AP</th><th>AP50</th><th>aliases</th><th>created</th><th></th><th>download</th></tr>${rows}</table>
+    <p id="download-status" class="muted"></p>
     ${catRows ? `<h4>Per-category AP of v${latest.version}</h4><table id="per-category"><tr><th>category</th><th>AP</th></tr>${catRows}</table>` : ""}
     <div id="reports">${pics}</div>`;
   await loadReports();
+  for (const b of document.querySelectorAll("button.download")) {
+    b.onclick = () => downloadVersion(name, b.dataset.version, b.dataset.format);
+  }
   for (const b of document.querySelectorAll("button.promote")) {
     b.onclick = async () => {
       await api("POST", `/models/${encodeURIComponent(name)}/versions/${b.dataset.version}/promote`);
       await showModel(name);
       await refreshVersions();
     };
+  }
+}
+
+// A version's checkpoint or ONNX export. The download needs the API key, which a plain link cannot
+// send: fetch it as a blob. The first ONNX download of a version exports it (seconds), so say so.
+async function downloadVersion(name, version, format) {
+  const status = $("download-status");
+  status.textContent = format === "onnx" ? `exporting v${version} to ONNX (the first time takes a few seconds)…`
+                                         : `downloading v${version}…`;
+  try {
+    const blob = await api("GET", `/models/${encodeURIComponent(name)}/versions/${version}/download?format=${format}`);
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob); a.download = `${name}-v${version}.${format}`; a.click();
+    status.textContent = `${name}-v${version}.${format}: ${(blob.size / 1e6).toFixed(1)} MB`;
+  } catch (e) {
+    status.textContent = `v${version} .${format}: ${e.message}`;
   }
 }
 

@@ -75,6 +75,13 @@ def test_train_watch_browse_and_segment_in_the_browser(page: Any, live_api: str,
                            timeout=30_000)  # the learning curve and the evaluation grid, loaded with the key
     page.click("button.promote[data-version='1']")
     page.wait_for_function("document.getElementById('versions').textContent.includes('production')")
+    # the version's files, fetched with the key: the checkpoint, and the ONNX export (made on this first download)
+    for fmt, magic in (("pt", b"PK"), ("onnx", b"\x08")):  # a torch zip; an ONNX protobuf (field 1, ir_version)
+        with page.expect_download(timeout=120_000) as dl:
+            page.click(f"button.download[data-version='1'][data-format='{fmt}']")
+        assert dl.value.suggested_filename == f"web-demo-v1.{fmt}"
+        assert Path(dl.value.path()).read_bytes()[:len(magic)] == magic
+        page.wait_for_function(f"document.getElementById('download-status').textContent.startsWith('web-demo-v1.{fmt}')")
     page.screenshot(path=str(shots / "models.png"))
 
     page.select_option("#seg-model", "web-demo")

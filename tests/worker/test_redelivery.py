@@ -108,3 +108,29 @@ def test_killed_infer_worker_fails_its_async_segment_job(registry: Registry, ser
         assert "send them again" in job["error"]["message"] and time.monotonic() - killed_at < 30
     finally:
         registry.delete_version("heavy", rec["version"])
+
+
+def test_an_async_segment_job_whose_message_expires_unstarted_is_failed(registry: Registry,
+                                                                      service_env: dict[str, str],
+                                                                      client: Any, tmp_path: Path) -> None:
+    """No infer worker on its queue until after the job's expiry: the worker that comes then drops the
+    expired message (it never runs), and a live worker's reaper fails the job with not_started in a
+    bounded time, instead of it staying `queued` for ever."""
+    from worker.celery_app import SEGMENT_JOB_TASK
+
+    job_id = registry.new_job_id()
+    registry.create_job(job_id, "late", {"model": "late", "version": 1, "images": 1}, {"num_images": 1}, "late:1",
+                        kind="segment")
+    client.app.state.celery.send_task(SEGMENT_JOB_TASK, queue=QUEUE, task_id=job_id, expires=2, args=[
+        job_id, "models/late/v1/model.pt", "0" * 64, [["a.jpg", ""]], 0.3, "json", "late", 1])
+    time.sleep(2.5)
+    late = _worker({**service_env, "UPLVP_SEGMENT_JOB_EXPIRY_S": "2", "UPLVP_HEARTBEAT_S": "1"},
+                   tmp_path / "workers.log", "late-infer")
+    try:
+        _wait(lambda: registry.get_job(job_id)["state"] != "queued", 60, "the reaper")
+        job = registry.get_job(job_id)
+        assert job["state"] == "failed" and job["error"]["code"] == "not_started", job
+        assert int(job.get("attempts") or 0) == 0  # never started
+    finally:
+        late.kill()
+        late.wait()

@@ -88,6 +88,27 @@ def test_reaper_requeues_a_running_job_without_lock_then_fails_it(registry: Regi
         job["error"]["message"]
 
 
+def test_reaper_fails_an_async_segment_job_that_no_worker_started_in_time(registry: Registry) -> None:
+    """Its message expires with it (lost with a worker that took it, or no infer worker up): nothing will
+    run it, so it must not stay queued for ever. Training jobs and running jobs are not its business."""
+    lost, fresh, training, running = (registry.new_job_id() for _ in range(4))
+    for job_id, kind in ((lost, "segment"), (training, "finetune"), (running, "segment")):
+        registry.create_job(job_id, "unstarted", {}, {}, None, kind=kind)
+    token = registry.acquire_lock(running, 30)  # alive: a live worker's reaper leaves it alone
+    registry.start_job(running)
+    time.sleep(1.1)
+    registry.create_job(fresh, "unstarted", {}, {}, None, kind="segment")  # created just now
+    assert registry.fail_unstarted(max_age_s=1.0) == [lost]
+    job = registry.get_job(lost)
+    assert job["state"] == "failed" and job["error"]["code"] == "not_started"
+    assert "UPLVP_SEGMENT_JOB_EXPIRY_S" in job["error"]["message"] and lost not in registry.r.smembers(f"{P}jobs:active")
+    assert [registry.get_job(j)["state"] for j in (fresh, training, running)] == ["queued", "queued", "running"]
+    assert registry.start_job(lost) == "failed"  # a late delivery finds it failed and does not run it
+    for job_id in (fresh, training, running):
+        registry.finish_job(job_id, "cancelled")
+    registry.release_lock(running, token)
+
+
 def test_budgeted_finetune_reports_progress_and_eta_from_its_budget(registry: Registry) -> None:
     job_id = registry.new_job_id()
     registry.create_job(job_id, "budget", {"epochs": 0, "time_budget_min": 10}, {}, None)

@@ -33,8 +33,9 @@ def resolve_model(registry: Registry, model: str, version: int | None) -> dict[s
 
 
 def queue_segment_job(registry: Registry, celery: Celery, rec: dict[str, Any], payload: list[list[str]],
-                      score_threshold: float, owner: str, webhook_url: str | None = None) -> JSONResponse:
-    """async=true: record a segment job and send it to the `infer` queue; 202 + Location."""
+                      score_threshold: float, owner: str, expires: float, webhook_url: str | None = None) -> JSONResponse:
+    """async=true: record a segment job and send it to the `infer` queue, to start within `expires` s
+    (after that its message is dropped and the reaper fails the job: Registry.fail_unstarted); 202 + Location."""
     job_id = registry.new_job_id()
     params = {"model": rec["name"], "version": rec["version"], "score_threshold": score_threshold,
               "images": len(payload)}
@@ -42,7 +43,7 @@ def queue_segment_job(registry: Registry, celery: Celery, rec: dict[str, Any], p
                         kind="segment", owner=owner, webhook_url=webhook_url)
     location = enqueue(registry, celery, job_id, SEGMENT_JOB_TASK,
                        [job_id, rec["artifact"], rec["sha256"], payload, score_threshold, "json", rec["name"],
-                        rec["version"]], "infer")
+                        rec["version"]], "infer", expires=expires)
     body = JobAccepted(id=job_id, state="queued", location=location).model_dump()
     return JSONResponse(body, status_code=202, headers={"Location": location, "Retry-After": "1"})
 
@@ -96,7 +97,8 @@ def post_segment(
                            [{"file": name, "problem": why}])
         payload.append([name, base64.b64encode(data).decode("ascii")])
     if async_:
-        return queue_segment_job(registry, celery, rec, payload, score_threshold, principal.id, webhook_url)
+        return queue_segment_job(registry, celery, rec, payload, score_threshold, principal.id,
+                                 settings.segment_job_expiry_s, webhook_url)
     out = call_infer(celery, SEGMENT_TASK, [rec["artifact"], rec["sha256"], payload, score_threshold, format,
                                             rec["name"], rec["version"]],
                      settings.segment_timeout_s, "segment_timeout", "answered", "UPLVP_SEGMENT_TIMEOUT_S")
