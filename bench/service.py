@@ -143,6 +143,7 @@ def load(base: str, images: list[tuple[str, bytes]], clients: int, seconds: floa
     latencies: list[float] = []
     errors: list[str] = []
     instances: list[int] = []
+    parts: dict[str, list[float]] = {}  # Server-Timing: check, worker, queue (ms), and what is left of the latency
     lock = threading.Lock()
     counter = iter(range(10**9))
     stop_at = time.monotonic() + seconds
@@ -162,6 +163,11 @@ def load(base: str, images: list[tuple[str, bytes]], clients: int, seconds: floa
                     if r.status_code == 200:
                         latencies.append(dt)
                         instances.append(len(r.json()["images"][0]["instances"]))
+                        timing = {k: float(v) for k, v in (x.split(";dur=") for x in
+                                                           r.headers.get("server-timing", "").split(", ") if x)}
+                        timing["http"] = 1000 * dt - sum(timing.values())  # client, HTTP, framework, JSON
+                        for k, v in timing.items():
+                            parts.setdefault(k, []).append(v)
                     else:
                         errors.append(f"{r.status_code}: {r.text[:200]}")
 
@@ -177,7 +183,8 @@ def load(base: str, images: list[tuple[str, bytes]], clients: int, seconds: floa
             "error_samples": errors[:3],
             "p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99),
             "mean_ms": 1000 * statistics.mean(latencies), "throughput_rps": len(latencies) / wall,
-            "instances_per_image": statistics.mean(instances)}
+            "instances_per_image": statistics.mean(instances),
+            "parts_p50_ms": {k: statistics.median(v) for k, v in parts.items()}}
 
 
 def bare(artifact: Path, images: list[tuple[str, bytes]], n: int, threshold: float, threads: int,
@@ -394,6 +401,10 @@ def main() -> None:
                      f"| {row['p99_ms']:.0f} | {row['throughput_rps']:.2f} | {row['errors']} "
                      f"| {row['instances_per_image']:.1f} |")
     lines += ["", f"Stack overhead at p50 with 1 client: **{100 * result['overhead_p50']:.1f} %** (target ≤ 15 %).",
+              "Where a POST /segment's time goes at 1 client (medians of the Server-Timing header, ms): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in loads[0]["parts_p50_ms"].items())
+              + " (check: the API reads and checks the upload; worker: decode, model, encode in the infer worker; "
+              "queue: the Celery round trip around it; http: the rest, client and framework included).",
               f"API process RSS: {result['api_idle']['rss_mb']:.0f} MB idle, {result['api_after']['rss_mb']:.0f} MB "
               f"after the load (peak {result['api_after']['peak_rss_mb']:.0f} MB).",
               f"Job submission: POST /finetune with coco128 ({sub['zip_mb']:.0f} MB zip, 128 images validated before "

@@ -364,7 +364,9 @@ def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshol
         predictor = _predictor(artifact, sha256, name, version)
         decoded = [(n, base64.b64decode(data)) for n, data in images]
         backend = "onnx" if isinstance(predictor, OnnxPredictor) else "torch"
-        return {"results": run_segment(predictor, decoded, score_threshold, fmt), "backend": backend}
+        results = run_segment(predictor, decoded, score_threshold, fmt)
+        # the worker's own time, so that the API can tell it from the queue's (Server-Timing)
+        return {"results": results, "backend": backend, "worker_ms": round(1000 * (time.perf_counter() - t0), 2)}
     except ArtifactError as exc:
         return {"error": {"code": "artifact_unavailable", "message": str(exc)}}
     except UplvpError as exc:
@@ -400,6 +402,12 @@ def _predictor(artifact: str, sha256: str, name: str | None, version: int | None
             _exports_asked.add((name, version))
             _ask_export(name, version)
     return _predictors.get((artifact, sha256, "torch"), lambda: reg.store.fetch(artifact, sha256))
+
+
+def _loaded(rec: dict[str, Any]) -> bool:
+    """Whether this process holds the version loaded on the backend a request would get now."""
+    backend = "onnx" if get_settings().infer_backend == "onnx" else "torch"
+    return _predictors is not None and (rec["artifact"], rec["sha256"], backend) in _predictors
 
 
 def _ask_export(name: str, version: int) -> None:
@@ -522,6 +530,9 @@ def warm(name: str | None = None, version: int | None = None) -> list[str]:
         return []
     warmed, photo = [], _warm_photo()
     for rec in recs:
+        if _loaded(rec):  # loaded means warmed already: a promote must not put a warm-up before the next request
+            warmed.append(f"{rec['name']}:{rec['version']}")
+            continue
         try:
             run_segment(_predictor(rec["artifact"], rec["sha256"], rec["name"], rec["version"]),
                         [("warm.jpg", photo)], 1.0, "json")

@@ -160,6 +160,13 @@ def test_segment_serves_the_onnx_export_once_it_exists(registry: Registry, setti
         monkeypatch.setattr(tasks, "_predictors", None)
         assert tasks.warm("onnxserve", rec["version"]) == [f"onnxserve:{rec['version']}"]
         assert (rec["artifact"], rec["sha256"], "onnx") in tasks._predictors
+        # a version already loaded is not warmed again: a promote must not put a model call before the next request
+        import models.pipeline as pipeline
+
+        ran: list[int] = []
+        real_segment = pipeline.segment
+        monkeypatch.setattr(pipeline, "segment", lambda *a, **k: ran.append(1) or real_segment(*a, **k))
+        assert tasks.warm("onnxserve", rec["version"]) == [f"onnxserve:{rec['version']}"] and ran == []
         # without a version: the production versions, as many as the cache holds
         production = {f"{n}:{registry.aliases(n)['production']}" for n in registry.model_names()
                       if "production" in registry.aliases(n)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from typing import Annotated, Any, Literal
 
 from celery import Celery
@@ -69,7 +70,10 @@ def post_segment(
                                  "holds the instances when it succeeds (json only)")] = False,
 ) -> Any:
     """Instances per image (category, score, bbox, RLE, polygons) or a PNG overlay; or, with
-    async=true, a job (202 + Location) whose `output` holds the instances."""
+    async=true, a job (202 + Location) whose `output` holds the instances. A synchronous answer's
+    Server-Timing header says where its time went: checking the upload here, the infer worker's own
+    work (decode, model, encode), and the queue's round trip around it."""
+    t0 = time.perf_counter()
     if webhook_url and not async_:
         raise ApiError(400, "webhook_needs_async", "a webhook is called when a job ends: send async=true with it (a "
                        "synchronous request answers with the instances themselves)")
@@ -99,13 +103,18 @@ def post_segment(
     if async_:
         return queue_segment_job(registry, celery, rec, payload, score_threshold, principal.id,
                                  settings.segment_job_expiry_s, webhook_url)
+    t1 = time.perf_counter()
     out = call_infer(celery, SEGMENT_TASK, [rec["artifact"], rec["sha256"], payload, score_threshold, format,
                                             rec["name"], rec["version"]],
                      settings.segment_timeout_s, "segment_timeout", "answered", "UPLVP_SEGMENT_TIMEOUT_S")
     if "error" in out:
         status = 500 if out["error"]["code"] == "artifact_unavailable" else 400  # ours to fix, not the user's
         raise ApiError(status, out["error"]["code"], out["error"]["message"])
-    headers = {"X-Model": rec["name"], "X-Model-Version": str(rec["version"]), "X-Backend": out.get("backend", "")}
+    infer_ms, worker_ms = 1000 * (time.perf_counter() - t1), float(out.get("worker_ms", 0.0))
+    headers = {"X-Model": rec["name"], "X-Model-Version": str(rec["version"]), "X-Backend": out.get("backend", ""),
+               "Server-Timing": f"check;dur={1000 * (t1 - t0):.1f}, worker;dur={worker_ms:.1f}, "
+                                f"queue;dur={max(0.0, infer_ms - worker_ms):.1f}"}
     if format == "png":
         return Response(base64.b64decode(out["results"][0]["png_base64"]), media_type="image/png", headers=headers)
-    return SegmentResponse(model=rec["name"], version=rec["version"], backend=out.get("backend"), images=out["results"])
+    body = SegmentResponse(model=rec["name"], version=rec["version"], backend=out.get("backend"), images=out["results"])
+    return JSONResponse(body.model_dump(), headers=headers)

@@ -27,6 +27,12 @@ def test_json_instances(client: Any, voc_dir: Path, trained: dict[str, Any]) -> 
     assert inst["category_name"] in {"bottle", "chair", "diningtable", "person"} and 0 <= inst["score"] <= 1
     assert len(inst["bbox"]) == 4 and inst["segmentation"]["size"] == [375, 500] and "counts" in inst["segmentation"]
     assert isinstance(inst["polygons"], list)
+    # who answered, and where the time went (the upload's check, the worker's own work, the queue around it)
+    assert resp.headers["x-model"] == "voc" and resp.headers["x-model-version"] == str(body["version"])
+    assert resp.headers["x-backend"] == body["backend"]
+    timing = dict(part.split(";dur=") for part in resp.headers["server-timing"].split(", "))
+    assert list(timing) == ["check", "worker", "queue"] and all(float(v) >= 0 for v in timing.values())
+    assert float(timing["worker"]) > 0
 
 
 def test_png_overlay(client: Any, voc_dir: Path, trained: dict[str, Any]) -> None:
