@@ -126,7 +126,7 @@ def build_arms(args: argparse.Namespace, work: Path, threads: int) -> dict[str, 
     }
     if not args.no_yolo:
         arms["yolo_ort"] = lambda size: _yolo(args, work, size)
-    return arms
+    return {a: make for a, make in arms.items() if not args.arms or a in args.arms}
 
 
 def _maskrcnn(args: argparse.Namespace, work: Path, threads: int, size: tuple[int, int]) -> Any:
@@ -159,9 +159,11 @@ def latency(args: argparse.Namespace, work: Path, threads: int) -> list[dict[str
     rows = []
     arms = build_arms(args, work, threads)
     for size_name, size in SIZES.items():
+        if args.sizes and size_name not in args.sizes:
+            continue
         for arm, make in arms.items():
             predict = make(size)
-            for batch in BATCHES:
+            for batch in args.batches:
                 images = photos(size, batch)
                 repeats = args.repeats if batch == 1 else max(3, args.repeats // 4)
                 kwargs = {} if arm == "yolo_ort" else {"score_threshold": SCORE}
@@ -208,25 +210,29 @@ def ap_check(args: argparse.Namespace, work: Path, threads: int) -> dict[str, An
 def report(res: dict[str, Any]) -> str:
     rows = res["latency"]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
     lines = ["# Inference benchmark (bench/inference.py)", "",
              f"Machine: {res['machine']['cpu']} ({res['machine']['isa']}), {res['threads']} threads, torch "
              f"{res['machine']['torch']}, onnxruntime {res['onnxruntime']}, commit {res['machine']['commit']}. "
              f"End to end: a PIL photo in, instances with full-size masks out (score >= {SCORE}); median "
              "ms per image.", "", f"Weights: {res['weights']}", "",
-             "| arm | " + " | ".join(f"{s} b{b}" for s in SIZES for b in BATCHES) + " |",
-             "|---|" + "---|" * (len(SIZES) * len(BATCHES))]
+             "| arm | " + " | ".join(f"{s} b{b}" for s in sizes for b in batches) + " |",
+             "|---|" + "---|" * (len(sizes) * len(batches))]
     for arm in arms:
         cells = []
-        for s in SIZES:
-            for b in BATCHES:
+        for s in sizes:
+            for b in batches:
                 r = next((r for r in rows if r["arm"] == arm and r["size"] == s and r["batch"] == b), None)
                 cells.append(f"{r['ms_per_image']:.0f}" if r else "–")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    if "yolo_ort" in arms:
+    y = next((r for r in rows if r["arm"] == "yolo_ort" and r["size"] == "384x512" and r["batch"] == 1), None)
+    if y is not None:
         lines += ["", "uplvp against YOLOv8n-seg (ONNX Runtime) at 384x512, batch 1 (target <= 0.8x):"]
-        y = next(r for r in rows if r["arm"] == "yolo_ort" and r["size"] == "384x512" and r["batch"] == 1)
         for arm in ("knet_eager", "knet_ort", "knet_int8"):
-            r = next(r for r in rows if r["arm"] == arm and r["size"] == "384x512" and r["batch"] == 1)
+            r = next((r for r in rows if r["arm"] == arm and r["size"] == "384x512" and r["batch"] == 1), None)
+            if r is None:
+                continue
             lines.append(f"- {arm}: {r['ms_per_image']:.0f} ms vs {y['ms_per_image']:.0f} ms "
                          f"({r['ms_per_image'] / y['ms_per_image']:.2f}x)")
     if res.get("ap"):
@@ -246,6 +252,9 @@ def main() -> int:
     p.add_argument("--no-yolo", action="store_true")
     p.add_argument("--ap", help="a COCO dataset folder: score the K-Net arms on its test split (needs --knet)")
     p.add_argument("--repeats", type=int, default=12)
+    p.add_argument("--arms", nargs="+", help="only these arms (default: all)")
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="only these input sizes (default: all)")
+    p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="batch sizes (default: 1 8)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="inference", help="results file name under bench/results")
     args = p.parse_args()
