@@ -537,11 +537,11 @@ def recipe_summary(groups: Groups) -> list[str]:
             here = [(k[0], g) for k, g in sorted(groups.items()) if k[2] == cpu and level[k] == size and "knet" in g]
             parts = []
             for peer, metric in (("yolo", "AP"), ("maskrcnn", "AP"), ("knet_old", "AP50")):
-                both = [(ds, g) for ds, g in here if peer in g]
+                both = [same_seeds(g, "knet", peer) for _, g in here if same_seeds(g, "knet", peer)]
                 if not both:
                     continue
-                ours = [mean_test(g["knet"], metric) for _, g in both]
-                theirs = [mean_test(g[peer], metric) for _, g in both]
+                ours = [mean_test([a for a, _ in pairs], metric) for pairs in both]
+                theirs = [mean_test([b for _, b in pairs], metric) for pairs in both]
                 wins = sum(a >= b for a, b in zip(ours, theirs))
                 mine, peers = statistics.mean(ours), statistics.mean(theirs)
                 ratio = f" ({mine / peers:.2f}x)" if peers >= 0.01 else ""  # no ratio of a near-zero peer
@@ -549,36 +549,44 @@ def recipe_summary(groups: Groups) -> list[str]:
                              f"{pct(peers)}{ratio}")
             if parts:
                 out.append(f"- {cpu}, L={size}{' (or all)' if size == '100' else ''}: `knet` " + "; ".join(parts) + ".")
-    return ["", "The recipe against the other arms (same CPU, same L, datasets where both have rows):", ""] + out if out else []
+    return ["", "The recipe against the other arms (same CPU, same L, on the seeds both ran):", ""] + out if out else []
+
+
+def same_seeds(g: dict[str, list[dict[str, Any]]], arm: str, peer: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(arm's run, peer's run) pairs of one dataset and L with the same seed: the seed picks the labelled
+    subset, so an arm is compared with a peer on the seeds both ran."""
+    theirs = {r["seed"]: r for r in g.get(peer, [])}
+    return [(r, theirs[r["seed"]]) for r in g.get(arm, []) if r["seed"] in theirs]
 
 
 def uplvp_summary(groups: Groups) -> list[str]:
-    """Issue 14's targets from the rows there are, per UPLVP arm and kind of CPU: its mean test AP over the
-    datasets that also have a vanilla K-Net row (ratio per L), on how many of them it reaches vanilla's final
-    AP in at most half of vanilla's fine-tuning minutes, and on how many it is >= Mask R-CNN."""
+    """Issue 14's targets from the rows there are, per UPLVP arm and kind of CPU, on the seeds that both it and
+    vanilla K-Net ran: its mean test AP over those datasets (ratio per L), on how many it reaches vanilla's final
+    AP in at most half of vanilla's fine-tuning minutes, and on how many it is >= Mask R-CNN (same seeds)."""
     out: list[str] = []
     level = level_of(groups)
     for arm in [a for a in ARMS if a.startswith("uplvp")]:
         for cpu, size in sorted({(k[2], level[k]) for k in groups}):
-            both = [(k[0], g) for k, g in sorted(groups.items())
-                    if k[2] == cpu and level[k] == size and arm in g and "knet" in g]
+            both = [(k[0], same_seeds(g, arm, "knet"), g) for k, g in sorted(groups.items())
+                    if k[2] == cpu and level[k] == size and same_seeds(g, arm, "knet")]
             if not both:
                 continue
-            ours = statistics.mean(mean_test(g[arm]) for _, g in both)
-            vanilla = statistics.mean(mean_test(g["knet"]) for _, g in both)
+            ours = statistics.mean(mean_test([u for u, _ in pairs]) for _, pairs, _ in both)
+            vanilla = statistics.mean(mean_test([v for _, v in pairs]) for _, pairs, _ in both)
             fast = 0
-            for _, g in both:
-                v, u = g["knet"][0], g[arm][0]
+            for _, pairs, _ in both:
+                u, v = pairs[0]
                 reach = minutes_to_reach(u["curve"], v["test"]["segm"]["AP"] or 0.0) if u["curve"] else None
                 fast += reach is not None and reach <= 0.5 * v["train_minutes"]
-            vs_mrcnn = [(ds, g) for ds, g in both if "maskrcnn" in g]
-            wins = sum(mean_test(g[arm]) >= mean_test(g["maskrcnn"]) for _, g in vs_mrcnn)
+            vs_mrcnn = [(ds, same_seeds(g, arm, "maskrcnn")) for ds, _, g in both if same_seeds(g, arm, "maskrcnn")]
+            wins = sum(mean_test([u for u, _ in p]) >= mean_test([m for _, m in p]) for _, p in vs_mrcnn)
             ratio = f"{ours / vanilla:.2f}x" if vanilla > 0 else "–"
             out.append(f"- `{arm}` on {cpu} at L={size}{' (or all)' if size == '100' else ''}, {len(both)} dataset(s) "
-                       f"with a knet row ({', '.join(ds for ds, _ in both)}): mean AP {pct(ours)} vs vanilla "
+                       f"with a knet run of the same seed ({', '.join(ds for ds, _, _ in both)}): mean AP {pct(ours)} vs vanilla "
                        f"{pct(vanilla)} ({ratio}); reaches vanilla's final AP within half its minutes on {fast} of "
                        f"{len(both)}; >= Mask R-CNN on {wins} of {len(vs_mrcnn)}.")
-    return ["", "UPLVP against vanilla K-Net (first seed for the curves):", ""] + out if out else []
+    return ["", "UPLVP against vanilla K-Net, on the seeds both ran (the first such seed for the curves):", ""] + out \
+        if out else []
 
 
 def plot(groups: Groups) -> None:
