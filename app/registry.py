@@ -108,9 +108,12 @@ return 0
 """
 
 
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # the registry's timestamps (created_at, updated_at, ...)
+
+
 def now_iso() -> str:
     """UTC timestamp, ISO 8601 with a Z."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime(ISO_FORMAT)
 
 
 def _dump(v: Any) -> str:
@@ -375,7 +378,7 @@ class Registry:
             state, kind, created = self.r.hmget(f"{P}job:{job_id}", "state", "kind", "created_at")
             if state != "queued" or kind != "segment" or not created:
                 continue
-            if datetime.strptime(created, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp() > limit:
+            if datetime.strptime(created, ISO_FORMAT).replace(tzinfo=UTC).timestamp() > limit:
                 continue
             error = _dump({"code": "not_started", "message": f"no infer worker started this job within {max_age_s:g} s "
                            "(UPLVP_SEGMENT_JOB_EXPIRY_S): its message was lost or no infer worker is up; send the "

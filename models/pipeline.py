@@ -444,7 +444,7 @@ def run_finetune(
             left = tcfg.time_budget_s - (time.monotonic() - job_t0)
             tcfg = dataclasses.replace(tcfg, time_budget_s=max(60.0 * MIN_TIME_BUDGET_MIN, left))
     uplvp = pseudo_summary(work / "pretrain" / "pseudo.json") if params.pretrain else None
-    if uplvp is not None and params.pretrain and state is None:
+    if uplvp is not None and state is None:  # pre-training ran in this call (a resumed job's did not)
         uplvp["minutes_before_finetuning"] = pretrain_minutes
 
     torch.manual_seed(tcfg.seed)

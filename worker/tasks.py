@@ -389,7 +389,7 @@ def _predictor(artifact: str, sha256: str, name: str | None, version: int | None
 
         _predictors = PredictorCache(s.model_cache_size, s.worker_threads)
     if s.infer_backend == "onnx" and name is not None and version is not None:
-        key = (artifact, sha256, "onnx")
+        key = _cache_key(artifact, sha256, "onnx")
         if key in _predictors:
             return _predictors.get(key)
         stored = reg.fetch_export(reg.get_version(name, version), "onnx")  # None: missing or torn
@@ -401,13 +401,18 @@ def _predictor(artifact: str, sha256: str, name: str | None, version: int | None
         if (name, version) not in _exports_asked:
             _exports_asked.add((name, version))
             _ask_export(name, version)
-    return _predictors.get((artifact, sha256, "torch"), lambda: reg.store.fetch(artifact, sha256))
+    return _predictors.get(_cache_key(artifact, sha256, "torch"), lambda: reg.store.fetch(artifact, sha256))
+
+
+def _cache_key(artifact: str, sha256: str, backend: str) -> tuple[str, str, str]:
+    """The model cache's key of a version on a backend: a replaced checkpoint (new sha256) loads again."""
+    return artifact, sha256, backend
 
 
 def _loaded(rec: dict[str, Any]) -> bool:
     """Whether this process holds the version loaded on the backend a request would get now."""
     backend = "onnx" if get_settings().infer_backend == "onnx" else "torch"
-    return _predictors is not None and (rec["artifact"], rec["sha256"], backend) in _predictors
+    return _predictors is not None and _cache_key(rec["artifact"], rec["sha256"], backend) in _predictors
 
 
 def _ask_export(name: str, version: int) -> None:
