@@ -41,7 +41,7 @@ P = "uplvp:"
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 STAGES = ("validating", "teaching", "proposing", "pretraining", "finetuning", "evaluating", "exporting")
-_JSON_FIELDS = ("params", "losses", "error", "result", "dataset", "output", "webhook")
+_JSON_FIELDS = ("params", "losses", "error", "result", "dataset", "output", "webhook", "device")
 JOB_KINDS = ("finetune", "pretrain", "segment")
 
 _START = """

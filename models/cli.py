@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # `uplvp pretrain`'s model and schedule defaults (UPLVP pre-training, unchanged by the fine-tuning recipe)
-PRETRAIN_DEFAULTS = dict(arch="knet", width=128, kernels=50, stages=3, mask_threshold=0.5, epochs=12, batch_size=2,
+PRETRAIN_DEFAULTS = dict(arch="knet", width=128, kernels=50, stages=3, mask_threshold=0.5, epochs=12, batch_size=0,
                          lr=1e-4, weight_decay=0.05, warmup_iters=100, grad_clip=1.0, image_size=384, max_size=640)
 
 
@@ -42,7 +42,8 @@ def _add_train_args(p: argparse.ArgumentParser, d: dict[str, Any]) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d["epochs"],
                    help="epochs (finetune: 0 = from --time-budget, else from the dataset's size)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"])
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="images per step (0: follow the device: 2 on the CPU, 8 on a GPU, 16 from 40 GB)")
     g.add_argument("--lr", type=float, default=d["lr"])
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     g.add_argument("--warmup-iters", type=int, default=d["warmup_iters"])
@@ -53,8 +54,16 @@ def _add_train_args(p: argparse.ArgumentParser, d: dict[str, Any]) -> None:
     g.add_argument("--seed", type=int, default=0)
     if "--threads" not in p._option_string_actions:
         g.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+        _add_device_arg(g)
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on for CUDA, bf16 or fp16 with a gradient scaler; off on the CPU)")
     g.add_argument("--eval-every", type=int, default=0, help="epochs between evaluations on the val set (0: every "
                    "epoch for val sets up to 100 images, else about 6 times; a --time-budget run spreads 8)")
+
+
+def _add_device_arg(g: Any) -> None:
+    g.add_argument("--device", default="auto", help="auto (CUDA when a GPU is there, else the CPU) | cpu | cuda | "
+                   "cuda:N; asking for CUDA where there is none is an error")
 
 
 def _add_proposal_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +80,7 @@ def _add_proposal_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-arch", help="clip engine: open_clip architecture (default $UPLVP_CLIP_ARCH or ViT-B-16)")
     g.add_argument("--max-masks", type=int, default=10, help="K: at most this many pseudo masks per image")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    _add_device_arg(g)
 
 
 def build_proposal_engine(args: argparse.Namespace) -> Any:
@@ -88,8 +98,17 @@ def build_proposal_engine(args: argparse.Namespace) -> Any:
                               f"`uplvp finetune`){'' if args.model is None else f'; {args.model} not found'}")
         if not 0.0 <= args.min_score <= 1.0:
             raise ConfigError(f"--min-score must be in [0, 1], got {args.min_score}")
-        return build_engine("self", [], model=args.model, min_score=args.min_score)
-    return build_engine(args.engine, parse_vocabulary(args.vocab or "coco"), args.clip_pretrained, args.clip_arch)
+        return build_engine("self", [], model=args.model, min_score=args.min_score, device=_device(args))
+    return build_engine(args.engine, parse_vocabulary(args.vocab or "coco"), args.clip_pretrained, args.clip_arch,
+                        device=_device(args))
+
+
+def _device(args: argparse.Namespace) -> str:
+    """--device resolved on this machine ("cpu" or "cuda:N"); DeviceError (exit 2) for a GPU that is not here."""
+    from models.engine.device import resolve_device
+
+    device = resolve_device(getattr(args, "device", "auto"))
+    return f"cuda:{device.index}" if device.type == "cuda" else "cpu"
 
 
 def run_proposals(args: argparse.Namespace, out: Path) -> dict:
@@ -126,12 +145,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from models.pipeline import PipelineHooks, pretrain_from_pseudo
     from models.uplvp.prompts import PromptConfig
 
+    from models.engine.device import default_batch_size
+
     if args.arch != "knet":
         raise ConfigError("UPLVP pre-training is for --arch knet")
+    device = _device(args)
     tcfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_iters=args.warmup_iters, grad_clip=args.grad_clip, seed=args.seed, short_side=args.image_size,
-        max_long_side=args.max_size, num_threads=args.threads, backbone_lr_mult=args.backbone_lr_mult,
+        epochs=args.epochs, batch_size=args.batch_size or default_batch_size(device), lr=args.lr,
+        weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, grad_clip=args.grad_clip, seed=args.seed,
+        short_side=args.image_size, max_long_side=args.max_size, num_threads=args.threads,
+        backbone_lr_mult=args.backbone_lr_mult, device=device, amp=args.amp,
     ).validate()
     prompt_cfg = PromptConfig(matching=args.matching, num_slots=args.slots, dropout=args.prompt_dropout,
                               pool=args.prompt_pool, level=args.prompt_level).validate(args.kernels)
@@ -216,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="report JSON (default: print)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    _add_device_arg(p)
 
     p = sub.add_parser("segment", help="predict instance masks for images")
     p.add_argument("--model", required=True, type=Path)
@@ -226,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polygons", action="store_true", help="also output polygons")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=0)
+    _add_device_arg(p)
 
     p = sub.add_parser("export", help="export a K-Net checkpoint to ONNX (run it with onnxruntime and "
                        "client/onnx_model.py, no torch)")
@@ -282,7 +307,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         warmup_iters=args.warmup_iters, grad_clip=args.grad_clip, seed=args.seed, val_fraction=args.val_fraction,
         eval_every=args.eval_every, width=args.width, kernels=args.kernels,
         stages=args.stages, backbone_weights=args.backbone_weights, mask_threshold=args.mask_threshold,
-        threads=args.threads)
+        threads=args.threads, device=args.device, amp=args.amp)
 
     def on_init(report: dict) -> None:
         print(f"init from {args.init}: {len(report['loaded'])} tensors loaded; class head {report['class_head']}")
@@ -332,10 +357,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, state = load_model(args.model)
+    model = prepare_for_inference(model).to(_device(args))
     tcfg = state["train_config"]
     ann = CocoAnnotations(args.ann, args.images, categories=CategoryMap.from_coco(state["categories"]))
     ds = CocoDataset(ann, TransformConfig(tcfg.short_side, tcfg.max_long_side, flip_prob=0.0), train=False)
-    metrics = evaluate_model(prepare_for_inference(model), ann, ds, args.batch_size,
+    metrics = evaluate_model(model, ann, ds, args.batch_size,
                              state["model_config"].mask_threshold, progress=True)
     if args.out:
         write_report(metrics, args.out)
@@ -354,7 +380,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from models.pipeline import segment
     from models.reports.overlays import draw_overlay
 
-    predictor = Predictor(args.model, num_threads=args.threads)
+    predictor = Predictor(args.model, num_threads=args.threads, device=_device(args))
     results = []
     chunk = max(1, args.batch_size) * 4  # bounded memory for long image lists
     with tqdm(total=len(args.images), desc="segment", unit="img", disable=len(args.images) < 2) as bar:

@@ -8,6 +8,7 @@ maskrcnn.build_maskrcnn, build_model below) are the only place config meets clas
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+import re
 from typing import Any, Literal
 
 from models.errors import ConfigError
@@ -15,6 +16,8 @@ from models.errors import ConfigError
 Arch = Literal["knet", "maskrcnn"]
 MIN_TIME_BUDGET_MIN = 1.0  # the smallest training budget (minutes): a few timed steps and one evaluation
 BackboneWeights = Literal["imagenet", "none"]
+# where a run trains: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N (models.engine.device)
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -123,6 +126,9 @@ class TrainConfig:
     evaluations: int = 8  # budgeted runs: evaluations spread over the run (the last step is always one)
     early_stop_patience: int = 0  # stop after this many evaluations without a better val AP (0: never)
     keep_best: bool = True  # with a val set: the model returned is the evaluation with the best val AP
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N (models.engine.device.resolve_device)
+    amp: bool | None = None  # mixed precision; None: on for CUDA (bf16, else fp16 + grad scaler), off on the CPU
+    loader_workers: int = -1  # DataLoader worker processes; -1: none on the CPU, a few on a GPU (device.loader_workers)
 
     def validate(self) -> "TrainConfig":
         if self.epochs < 1:
@@ -137,6 +143,8 @@ class TrainConfig:
             )
         if self.time_budget_s < 0 or self.max_steps < 0 or self.early_stop_patience < 0 or self.evaluations < 1:
             raise ConfigError("time_budget_s, max_steps and early_stop_patience must be >= 0, evaluations >= 1")
+        if not DEVICE_PATTERN.match(str(self.device)):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if any(not 0 < s <= 1 for s in self.lr_steps):
             raise ConfigError(f"lr_steps are fractions of the run in (0, 1], got {self.lr_steps}")
         return self

@@ -100,7 +100,7 @@ class FinetuneParams:
     time_budget_min: float = 0.0  # 0: no budget
     image_size: int = 0  # short side after resize; 0 follows the data (image_size_for): 320 unless objects are small
     max_size: int = 0  # cap on the long side; 0 (or any, with image_size 0): long_side_for the short side
-    batch_size: int = 2
+    batch_size: int = 0  # images per step; 0: follows the device (2 on the CPU, 8 on a GPU, 16 from 40 GB)
     lr: float = 4e-4
     weight_decay: float = 0.05
     warmup_iters: int = 50
@@ -135,6 +135,8 @@ class FinetuneParams:
     rescore: bool = True  # inference: class probability x mask quality
     nms: bool = True  # inference: Matrix NMS within a class
     threads: int = 0  # torch threads (0: torch's default)
+    device: str = "auto"  # auto (CUDA when present, else the CPU) | cpu | cuda | cuda:N (models.engine.device)
+    amp: bool | None = None  # mixed precision; None: on for CUDA, off on the CPU
     # UPLVP: propose pseudo masks on the dataset's images (vocabulary = its category names) and
     # pre-train the kernels on them before fine-tuning (the paper's pipeline, on the user's own photos).
     # With a time budget the whole job fits in it: the `self` engine's teacher takes TEACHER_SHARE of it,
@@ -170,8 +172,20 @@ class FinetuneParams:
         if self.image_size < 0 or self.max_size < 0:
             raise ConfigError(f"image_size and max_size must be >= 32 (or 0: follow the data), got "
                               f"{self.image_size}, {self.max_size}")
-        self.with_size(self.image_size or AUTO_SIZE_MIN).train_config(100).validate()
+        if self.batch_size < 0:
+            raise ConfigError(f"batch_size must be >= 1 (or 0: follow the device), got {self.batch_size}")
+        dataclasses.replace(self.with_size(self.image_size or AUTO_SIZE_MIN),
+                            batch_size=self.batch_size or 1).train_config(100).validate()
         return self
+
+    def on_device(self) -> FinetuneParams:
+        """These parameters where they will run: `device` resolved on this machine (DeviceError when it asks
+        for a GPU that is not here) and batch_size 0 replaced by the device's default."""
+        from models.engine.device import default_batch_size, resolve_device
+
+        device = resolve_device(self.device)
+        name = f"{device.type}:{device.index}" if device.type == "cuda" else "cpu"
+        return dataclasses.replace(self, device=name, batch_size=self.batch_size or default_batch_size(device))
 
     def with_size(self, short_side: int) -> FinetuneParams:
         """These parameters at `short_side`: max_size stays where both sizes were given, else it is
@@ -192,13 +206,15 @@ class FinetuneParams:
         outside a fine-tuning's budget: the benchmark's uncounted arms)."""
         from models.config import TrainConfig
 
+        if not self.batch_size:  # the device's default batch
+            return self.on_device().pretrain_config(budget_min)
         sized = self.with_size(self.image_size or AUTO_SIZE_MIN)
         budget_s = 60.0 * (self.time_budget_min * PRETRAIN_SHARE if budget_min is None else budget_min)
         epochs = self.pretrain_epochs or (MAX_BUDGET_EPOCHS if budget_s else self.epochs or 12)
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr,
                            warmup_iters=self.warmup_iters, seed=self.seed, short_side=sized.image_size,
                            max_long_side=sized.max_size, num_threads=self.threads, grad_clip=1.0,
-                           time_budget_s=budget_s)
+                           time_budget_s=budget_s, device=self.device, amp=self.amp)
 
     def model_config(self, num_classes: int, max_instances: int = 0) -> Any:
         """The ModelConfig these parameters describe for a dataset with `num_classes` classes and at most
@@ -226,6 +242,8 @@ class FinetuneParams:
         run_finetune from the val set's size)."""
         from models.config import TrainConfig
 
+        if not self.batch_size:  # the device's default batch
+            return self.on_device().train_config(num_images)
         per_epoch = math.ceil(num_images / self.batch_size)
         epochs = self.epochs or (MAX_BUDGET_EPOCHS if self.time_budget_min
                                  else math.ceil(auto_steps(num_images) / max(1, per_epoch)))
@@ -234,7 +252,7 @@ class FinetuneParams:
                            seed=self.seed, short_side=self.image_size, max_long_side=self.max_size,
                            num_threads=self.threads, eval_every=self.eval_every or epochs,
                            time_budget_s=60.0 * self.time_budget_min, early_stop_patience=self.early_stop_patience,
-                           keep_best=self.keep_best)
+                           keep_best=self.keep_best, device=self.device, amp=self.amp)
 
     def transform(self, train: bool) -> Any:
         """The data transform: the augmentations when training, none for evaluation."""
@@ -384,9 +402,11 @@ def run_finetune(
 
     from models.config import MIN_TIME_BUDGET_MIN
 
+    from models.engine.device import device_info, precision_for
+
     job_t0 = time.monotonic()
     hooks = hooks or PipelineHooks()
-    params.validate()
+    params = params.validate().on_device()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path = Path(checkpoint) if checkpoint is not None else work / "checkpoint.pt"
@@ -410,8 +430,11 @@ def run_finetune(
     if state is not None:
         mcfg = state["model_config"]
         # the image size a run started with is part of what it learnt
+        # the image size a run started with is part of what it learnt, and its batch size part of its plan
+        # (a job resumed on another kind of device keeps both)
         tcfg = dataclasses.replace(tcfg, short_side=state["train_config"].short_side,
-                                   max_long_side=state["train_config"].max_long_side)
+                                   max_long_side=state["train_config"].max_long_side,
+                                   batch_size=state["train_config"].batch_size)
     else:
         mcfg = params.model_config(len(categories), most)
         if init is not None and not params.pretrain:  # the base's architecture, so that its weights fit
@@ -486,6 +509,8 @@ def run_finetune(
                 "selected_epoch": run.best["epoch"] if run.best is not None and tcfg.keep_best else run.epoch,
                 "kernels": mcfg.num_kernels if mcfg.arch == "knet" else None, "max_instances_per_image": most,
                 "image_size": [tcfg.short_side, tcfg.max_long_side], "uplvp": uplvp,
+                "device": device_info(params.device), "precision": precision_for(params.device, params.amp).name,
+                "batch_size": tcfg.batch_size,
                 "train_time_s": round(sum(e.get("train_time_s", 0.0) + e.get("eval_time_s", 0.0)
                                           for e in run.history), 1)}
 
@@ -511,7 +536,7 @@ def run_finetune(
     artifact = save_checkpoint(work / "model.pt", model, mcfg, tcfg, categories.to_coco(), run.history,
                                extra={"params": asdict(params), "metrics": metrics})
     result.reports = {"curves": learning_curve_png(run.history, work / "curves.png"),
-                      "evaluation": evaluation_grid_png(Predictor(artifact, params.threads), eval_ann,
+                      "evaluation": evaluation_grid_png(Predictor(artifact, params.threads, params.device), eval_ann,
                                                         work / "evaluation.png")}
     result.artifact, result.metrics = artifact, metrics
     return result
@@ -607,6 +632,7 @@ def run_uplvp_pretraining(
     from models.uplvp.proposals import build_engine, propose_folder
 
     hooks = hooks or PipelineHooks()
+    params = params.on_device()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     images = image_pool([Path(f) for f in images] if isinstance(images, list) else [Path(images)], work / "pool")
@@ -615,7 +641,8 @@ def run_uplvp_pretraining(
         _stage(hooks, "proposing")
         if params.threads:
             torch.set_num_threads(params.threads)
-        engine = build_engine(params.proposal_engine, vocabulary, model=teacher, min_score=params.self_min_score)
+        engine = build_engine(params.proposal_engine, vocabulary, model=teacher, min_score=params.self_min_score,
+                              device=params.device)
         # inside a job's budget the proposals have their share of it; pre-training done once on its
         # own budget (budget_min) proposes on the whole pool
         limit = 60.0 * params.time_budget_min * PROPOSAL_SHARE if budget_min is None else 0.0
@@ -726,6 +753,9 @@ def run_pretrain(
 # --------------------------------------------------------------------------- segmentation
 
 
+GPU_RESERVE_FRACTION = 0.25  # a GPU infer worker keeps this share of its memory free for activations
+
+
 class PredictorCache:
     """Loaded models kept in memory, least recently used evicted first.
 
@@ -733,12 +763,26 @@ class PredictorCache:
     so a replaced checkpoint is reloaded; `locate()` is called only on a miss, which is where
     a store downloads or verifies the file. With `onnx` (a function giving the model's ONNX
     export) the model runs under ONNX Runtime instead (OnnxPredictor: faster on CPU,
-    bench/results/inference.md).
+    bench/results/inference.md); on a GPU, only where ONNX Runtime has its CUDA provider (else
+    PyTorch on the GPU serves: faster than ONNX Runtime on the CPU).
+
+    The cache holds at most `capacity` models, and on a GPU also stops where memory does: before
+    a model loads, least recently used ones are dropped until `reserve_fraction` of the GPU's
+    memory is free (`free_bytes` tells how much is, default torch.cuda.mem_get_info).
     """
 
-    def __init__(self, capacity: int = 4, num_threads: int = 0) -> None:
+    def __init__(self, capacity: int = 4, num_threads: int = 0, device: str = "cpu",
+                 reserve_fraction: float = GPU_RESERVE_FRACTION,
+                 free_bytes: Callable[[], int | None] | None = None,
+                 total_bytes: Callable[[], int | None] | None = None) -> None:
+        from models.engine.device import free_memory_bytes, resolve_device, total_memory_bytes
+
         self.capacity = max(1, capacity)
         self.num_threads = num_threads
+        self.device = resolve_device(device)
+        self.reserve_fraction = reserve_fraction
+        self._free = free_bytes or (lambda: free_memory_bytes(self.device))
+        self._total = total_bytes or (lambda: total_memory_bytes(self.device))
         self._items: OrderedDict[Any, Any] = OrderedDict()
 
     def get(self, key: Any, locate: Callable[[], str | Path] | None = None,
@@ -750,14 +794,35 @@ class PredictorCache:
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        if onnx is not None:
-            predictor: Any = OnnxPredictor(onnx(), num_threads=self.num_threads)
+        self._make_room()
+        if onnx is not None and self.onnx_ok:
+            predictor: Any = OnnxPredictor(onnx(), num_threads=self.num_threads, device=self.device)
         else:
-            predictor = Predictor(locate() if locate is not None else key, num_threads=self.num_threads)
+            predictor = Predictor(locate() if locate is not None else key, num_threads=self.num_threads,
+                                  device=self.device)
         self._items[key] = predictor
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
         return predictor
+
+    @property
+    def onnx_ok(self) -> bool:
+        """Whether ONNX exports run on this cache's device: always on the CPU, on a GPU only with ONNX
+        Runtime's CUDA provider (onnxruntime-gpu); otherwise `get` loads the checkpoint (`locate`)."""
+        from models.engine.inference import onnx_providers
+
+        return self.device.type == "cpu" or "CUDAExecutionProvider" in onnx_providers(self.device)
+
+    def _make_room(self) -> None:
+        """Drop least recently used models while the GPU has less than its reserve free (a no-op on the CPU)."""
+        from models.engine.device import release_memory
+
+        total = self._total()
+        if total is None:
+            return
+        while self._items and (self._free() or 0) < self.reserve_fraction * total:
+            self._items.popitem(last=False)
+            release_memory(self.device)
 
     def __contains__(self, key: Any) -> bool:
         return key in self._items

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from kombu import Queue
 
 from app.core.config import Settings, get_settings
@@ -70,10 +70,11 @@ def _heartbeat_loop(hostname: str) -> None:
     tasks = {"finetune": FINETUNE_TASK, "pretrain": PRETRAIN_TASK}
     while not _stop.is_set():
         try:
-            from worker.tasks import loaded_models  # the worker imports its tasks anyway
+            from worker.tasks import loaded_models, worker_device_info
 
             registry.heartbeat(hostname, 3 * s.heartbeat_s, {"pid_host": socket.gethostname(),
-                                                             "models_loaded": loaded_models()})
+                                                             "models_loaded": loaded_models(),
+                                                             "device": worker_device_info()})
             # The reaper: jobs whose worker died (their lock expired) go back to the queue.
             for job_id, kind, outcome in registry.requeue_orphans(s.max_job_attempts):
                 log.warning("job %s lost its worker: %s", job_id, outcome)
@@ -97,6 +98,24 @@ def send_warm(app: Celery, name: str | None = None, version: int | None = None) 
         app.send_task(WARM_TASK, args=[name, version], queue="infer")
     except Exception as exc:  # noqa: BLE001 - broker down for a moment
         log.warning("could not queue the warm-up of %s: %s", f"{name} v{version}" if name else "production", exc)
+
+
+@worker_init.connect
+def _check_device(**_: Any) -> None:
+    """Refuse to start a worker whose UPLVP_DEVICE names a GPU that is not here: it must not train on the
+    CPU for hours while its user thinks it is on a GPU. The exit code is 3; the message says what to change."""
+    from worker.tasks import worker_device
+
+    try:
+        device = worker_device()
+    except Exception as exc:  # noqa: BLE001 - DeviceError, or a CUDA driver that fails to initialise
+        log.critical("UPLVP_DEVICE=%s: %s. This worker does not start.", get_settings().device, exc)
+        import os
+        import sys
+
+        sys.stderr.flush()
+        os._exit(3)  # Celery catches SystemExit raised from a signal handler and would start anyway
+    log.info("worker device: %s", device)
 
 
 @worker_ready.connect

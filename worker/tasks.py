@@ -45,6 +45,7 @@ from worker.celery_app import (
 
 log = logging.getLogger("uplvp.worker")
 _registry: Registry | None = None
+_device: str | None = None  # worker_device(), resolved once per process
 _predictors: Any = None
 _exports_asked: set[tuple[str, int]] = set()  # versions this process asked an export for (_predictor)
 
@@ -55,6 +56,29 @@ def registry() -> Registry:
     if _registry is None:
         _registry = from_settings(get_settings())
     return _registry
+
+
+def worker_device() -> str:
+    """This worker's device from UPLVP_DEVICE, resolved once: "cpu" or "cuda:N" (DeviceError when it names a
+    GPU that is not here; the worker then refuses to start, worker.celery_app)."""
+    global _device
+    if _device is None:
+        from models.engine.device import resolve_device
+
+        device = resolve_device(get_settings().device)
+        _device = f"cuda:{device.index}" if device.type == "cuda" else "cpu"
+    return _device
+
+
+def worker_device_info() -> dict[str, Any]:
+    """What the heartbeat (GET /readyz) and each job record say about this worker's device."""
+    from models.engine.device import device_info
+
+    return device_info(worker_device())
+
+
+OOM_HINT = ("the {device} ran out of memory: try a smaller batch_size or image_size (or fewer kernels), or a "
+            "device with more memory")
 
 
 class LockKeeper:
@@ -267,6 +291,8 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
     params = FinetuneParams.from_dict(job["params"])
     if s.worker_threads:
         params.threads = s.worker_threads
+    params.device = worker_device()  # the worker's, not the submitter's: a job runs where a worker takes it
+    reg.update_job(job_id, device=worker_device_info())
     plan = "pretrain" if job["kind"] == "pretrain" else "finetune" if not params.pretrain \
         else "uplvp_self" if params.proposal_engine == "self" else "uplvp"
     reporter = JobReporter(reg, job_id, params.epochs, lock_lost, pretrain_epochs=params.pretrain_epochs, plan=plan,
@@ -288,6 +314,18 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
         return _fail(reg, job_id, "storage_error", f"could not write to the data dir: {exc.strerror or exc}")
     except SoftTimeLimitExceeded:
         return _fail(reg, job_id, "time_limit", f"the job ran past its time limit ({s.job_time_limit_s} s)")
+    except Exception as exc:
+        from models.engine.device import is_out_of_memory, release_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        # the job fails, the worker lives on: the next job starts from an emptied GPU
+        log.warning("job %s ran out of memory: %s", job_id, exc)
+        release_memory(params.device)
+        gpu = params.device.startswith("cuda")
+        return _fail(reg, job_id, "out_of_memory",
+                     OOM_HINT.format(device="GPU" if gpu else "machine") + f" (batch_size {params.batch_size or 'auto'}, "
+                     f"image_size {params.image_size or 'auto'})")
     reg.update_job(job_id, progress=0.98)
     try:
         rec = reg.register_version(job["name"], out["artifact"], out["metrics"], out["categories"], out["params"],
@@ -371,6 +409,15 @@ def _segment(artifact: str, sha256: str, images: list[list[str]], score_threshol
         return {"error": {"code": "artifact_unavailable", "message": str(exc)}}
     except UplvpError as exc:
         return {"error": {"code": "invalid_input", "message": str(exc).replace(str(s.data_dir) + "/", "")}}
+    except Exception as exc:
+        from models.engine.device import is_out_of_memory, release_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        log.warning("segment ran out of memory: %s", exc)
+        release_memory(worker_device())
+        return {"error": {"code": "out_of_memory", "message": OOM_HINT.format(device="GPU") if
+                          worker_device().startswith("cuda") else "out of memory: send fewer or smaller images"}}
     finally:
         try:
             record_segment_latency(registry(), time.perf_counter() - t0)
@@ -387,8 +434,9 @@ def _predictor(artifact: str, sha256: str, name: str | None, version: int | None
     if _predictors is None:
         from models.pipeline import PredictorCache
 
-        _predictors = PredictorCache(s.model_cache_size, s.worker_threads)
-    if s.infer_backend == "onnx" and name is not None and version is not None:
+        _predictors = PredictorCache(s.model_cache_size, s.worker_threads, device=worker_device())
+    # ONNX on the CPU; on a GPU only with ONNX Runtime's CUDA provider, else PyTorch on the GPU (PredictorCache)
+    if s.infer_backend == "onnx" and name is not None and version is not None and _predictors.onnx_ok:
         key = _cache_key(artifact, sha256, "onnx")
         if key in _predictors:
             return _predictors.get(key)
@@ -411,7 +459,8 @@ def _cache_key(artifact: str, sha256: str, backend: str) -> tuple[str, str, str]
 
 def _loaded(rec: dict[str, Any]) -> bool:
     """Whether this process holds the version loaded on the backend a request would get now."""
-    backend = "onnx" if get_settings().infer_backend == "onnx" else "torch"
+    backend = "onnx" if get_settings().infer_backend == "onnx" and _predictors is not None and _predictors.onnx_ok \
+        else "torch"
     return _predictors is not None and _cache_key(rec["artifact"], rec["sha256"], backend) in _predictors
 
 

@@ -23,7 +23,8 @@ def training_fields(
     image_size: Annotated[int, Form(ge=0, le=2048, description="short side after resize; 0 = follow the data "
                                     "(the median object ~32 px across, 320..640)")] = 0,
     seed: Annotated[int, Form(ge=0)] = 0,
-    batch_size: Annotated[int, Form(ge=1, le=64)] = 2,
+    batch_size: Annotated[int, Form(ge=0, le=64, description="images per step; 0 = follow the worker's device "
+                                    "(2 on a CPU, 8 on a GPU, 16 from 40 GB)")] = 0,
     lr: Annotated[float, Form(gt=0, le=1)] = 4e-4,
     warmup_iters: Annotated[int, Form(ge=0)] = 50,
     width: Annotated[int, Form(ge=32, le=512, multiple_of=32, description="advanced: neck/kernel channels")] = 128,

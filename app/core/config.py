@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         "onnx", description="onnx: infer workers run a K-Net's ONNX export under ONNX Runtime (made once per version, "
         "stored beside the checkpoint; faster on CPU); torch: PyTorch. Mask R-CNN always runs under PyTorch")
     worker_threads: int = Field(0, ge=0, description="torch threads in the worker (0: torch's default)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="where a worker runs training, pre-training, proposals and inference: auto (CUDA "
+                        "when torch sees a GPU, else the CPU), cpu, cuda or cuda:N; a worker asked for CUDA where "
+                        "there is none refuses to start. One train worker per GPU: set CUDA_VISIBLE_DEVICES")
     job_lock_ttl_s: int = Field(60, ge=2, description="expiry of a job's run lock, refreshed every ttl/5 while the job "
                                 "runs; a job whose worker died is re-queued within about this long")
     max_job_attempts: int = Field(3, ge=1, description="runs of a job whose worker keeps dying before it is failed")

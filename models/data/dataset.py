@@ -220,9 +220,16 @@ class Batch:
     images: torch.Tensor  # float [B, 3, Hp, Wp], zero-padded at bottom/right
     targets: list[dict] = field(default_factory=list)  # masks [G,Hp,Wp], labels [G], boxes [G,4], ...
 
-    def to(self, device: torch.device | str) -> Batch:
-        moved = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in self.targets]
-        return Batch(self.images.to(device), moved)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch on `device`; non_blocking copies overlap with compute when the loader pins memory."""
+        moved = [{k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in t.items()}
+                 for t in self.targets]
+        return Batch(self.images.to(device, non_blocking=non_blocking), moved)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader calls this with pin_memory=True)."""
+        pinned = [{k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in t.items()} for t in self.targets]
+        return Batch(self.images.pin_memory(), pinned)
 
 
 def padded_shape(shapes: Sequence[tuple[int, int]], divisor: int = 32) -> tuple[int, int]:
@@ -301,11 +308,12 @@ class AspectGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int,
-                num_workers: int = 0) -> torch.utils.data.DataLoader:
+                num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """DataLoader of `collate`d Batches (ImageBatches for an ImageFolderDataset), shuffled from `seed`.
 
     Shuffled batches of a dataset with image sizes (CocoDataset) are grouped by
     orientation. Padding follows the dataset's ``transform.size_divisor`` (default 32).
+    `pin_memory` (for a GPU) puts batches in page-locked memory so that their copy overlaps compute.
     """
     gen = torch.Generator().manual_seed(seed)
     transform = getattr(dataset, "transform", None)
@@ -315,6 +323,7 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: boo
     if shuffle and batch_size > 1 and images is not None:
         landscape = [int(im["width"]) >= int(im["height"]) for im in images]
         return torch.utils.data.DataLoader(dataset, batch_sampler=AspectGroupedBatchSampler(landscape, batch_size, gen),
-                                           collate_fn=collate_fn, num_workers=num_workers, generator=gen)
+                                           collate_fn=collate_fn, num_workers=num_workers, generator=gen,
+                                           pin_memory=pin_memory)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                                       collate_fn=collate_fn, num_workers=num_workers)
+                                       collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory)

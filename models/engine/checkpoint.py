@@ -43,7 +43,7 @@ def save_checkpoint(
         "train_config": config_to_dict(train_cfg) if train_cfg else None,
         "categories": categories,
         "history": history,
-        "model": model.state_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # loads on any device
         "optimizer": optimizer.state_dict() if optimizer else None,
         "epoch": epoch,
         "step": step,

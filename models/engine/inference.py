@@ -3,6 +3,8 @@
 The inference path runs under `torch.inference_mode`, in channels_last memory format
 (faster convolutions on CPU), and batches images of similar size together. `OnnxPredictor` is the
 same interface over a K-Net's ONNX export under ONNX Runtime (faster on CPU: bench/results/inference.md).
+Both run where they are told (`device`): a Predictor moves its model there, an OnnxPredictor on a
+CUDA device asks ONNX Runtime for its CUDA execution provider (models.engine.device).
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ def coco_results(
 
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device  # evaluate where the model is (the training loop's device)
     results: list[dict] = []
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0)
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
-        images = batch.images.contiguous(memory_format=torch.channels_last)
+        images = batch.images.to(device).contiguous(memory_format=torch.channels_last)
         dets = model.detect(images, [t["input_size"] for t in batch.targets])
         for det, t in zip(dets, batch.targets):
             for inst in detections_to_instances(det, t["orig_size"], category_ids, category_names, mask_threshold,
@@ -86,14 +89,16 @@ def evaluate_model(
 class Predictor:
     """A loaded checkpoint ready to segment images: ``Predictor(ckpt)(paths) -> [instances per image]``."""
 
-    def __init__(self, checkpoint: str | Path, num_threads: int = 0) -> None:
+    def __init__(self, checkpoint: str | Path, num_threads: int = 0, device: torch.device | str = "cpu") -> None:
         from models.data.transforms import TransformConfig
         from models.engine.checkpoint import load_model
+        from models.engine.device import resolve_device
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        model, state = load_model(checkpoint)
-        self.model = prepare_for_inference(model)
+        self.device = resolve_device(str(device))
+        model, state = load_model(checkpoint)  # read onto the CPU whatever device trained it (map_location)
+        self.model = prepare_for_inference(model).to(self.device)
         self.cfg = state["model_config"]
         tcfg = state["train_config"]
         self.transform = TransformConfig(short_side=tcfg.short_side, max_long_side=tcfg.max_long_side, flip_prob=0.0)
@@ -123,7 +128,8 @@ class Predictor:
         out: list[list[dict]] = [[] for _ in images]
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collate_images([prepared[i][0] for i in idx]).contiguous(memory_format=torch.channels_last)
+            batch = collate_images([prepared[i][0] for i in idx]).to(self.device)
+            batch = batch.contiguous(memory_format=torch.channels_last)
             dets = self.model.detect(batch, [prepared[i][1] for i in idx])
             for i, det in zip(idx, dets):
                 orig = (images[i].height, images[i].width)
@@ -138,10 +144,12 @@ class OnnxPredictor:
     ``OnnxPredictor(model.onnx)(...).predict_images(images) -> [instances per image]``, the same instances
     (RLE segmentation, optional polygons) from client/onnx_model.py's numpy pre- and post-processing."""
 
-    def __init__(self, path: str | Path, num_threads: int = 0) -> None:
+    def __init__(self, path: str | Path, num_threads: int = 0, device: torch.device | str = "cpu") -> None:
         from client.onnx_model import OnnxSegmenter
 
-        self.session = OnnxSegmenter(path, num_threads)
+        self.device = torch.device(str(device))
+        self.providers = onnx_providers(self.device)
+        self.session = OnnxSegmenter(path, num_threads, providers=self.providers)
         self.category_ids = [c["id"] for c in self.session.categories]
         self.category_names = [c["name"] for c in self.session.categories]
 
@@ -159,3 +167,13 @@ class OnnxPredictor:
                     inst["polygons"] = mask_to_polygons(mask)
             out.append(instances)
         return out
+
+
+def onnx_providers(device: torch.device | str) -> list[str]:
+    """ONNX Runtime execution providers for a device: CUDA's first where the installed onnxruntime has
+    it (the onnxruntime-gpu build), always the CPU's as the fall-back for operators CUDA lacks."""
+    import onnxruntime as ort
+
+    if torch.device(str(device)).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]

@@ -55,13 +55,14 @@ class HungarianMatcher(nn.Module):
         One-to-many (H-DETR's hybrid matching): each target takes its k cheapest kernels, and a
         kernel wanted by several targets goes to the cheapest of them; more kernels learn from
         each object early in training, and the final stage stays one-to-one to keep one answer.
-        Returns per image (kernel_idx, target_idx), sorted by kernel index; empty when G_b = 0.
+        Returns per image (kernel_idx, target_idx) on the masks' device, sorted by kernel index; empty
+        when G_b = 0.
         """
         out: list[Assignment] = []
         for b, tgt in enumerate(targets):
             g = tgt["labels"].shape[0]
             if g == 0:
-                empty = torch.empty(0, dtype=torch.int64)
+                empty = torch.empty(0, dtype=torch.int64, device=masks.device)
                 out.append((empty, empty.clone()))
                 continue
             pred = masks[b].flatten(1).float().sigmoid()
@@ -72,8 +73,10 @@ class HungarianMatcher(nn.Module):
             if k > 1:
                 out.append(_one_to_many(cost, k))
                 continue
+            # the cost matrix stays on the model's device until here: scipy's solver needs it on the host
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            out.append((torch.as_tensor(rows, dtype=torch.int64, device=masks.device),
+                        torch.as_tensor(cols, dtype=torch.int64, device=masks.device)))
         return out
 
 
@@ -81,8 +84,8 @@ def _one_to_many(cost: torch.Tensor, k: int) -> Assignment:
     """cost [N,G] -> each target's k cheapest kernels, every kernel given to one target at most."""
     n, g = cost.shape
     top = cost.topk(min(k, n), dim=0, largest=False).indices  # [k,G] kernel indices
-    wanted = torch.zeros(n, g, dtype=torch.bool)
-    wanted[top, torch.arange(g).expand_as(top)] = True
+    wanted = torch.zeros(n, g, dtype=torch.bool, device=cost.device)
+    wanted[top, torch.arange(g, device=cost.device).expand_as(top)] = True
     masked = cost.masked_fill(~wanted, float("inf"))
     best_cost, best_target = masked.min(dim=1)
     rows = torch.nonzero(torch.isfinite(best_cost)).flatten()

@@ -29,6 +29,10 @@ def test_settings_validation() -> None:
         Settings(redis_url="http://localhost")
     with pytest.raises(ValidationError):
         Settings(max_upload_mb=0)
+    with pytest.raises(ValidationError, match="device"):
+        Settings(device="gpu")
+    assert Settings(device="cuda:1").device == "cuda:1" and Settings().device == "auto"
     s = Settings(job_time_limit_s=100)
     assert s.visibility_timeout_s > s.job_time_limit_s and s.data_dir.is_absolute()
-    assert {"REDIS_URL", "UPLVP_DATA_DIR", "UPLVP_MAX_UPLOAD_MB", "UPLVP_JOB_TIME_LIMIT_S"} <= Settings.env_names()
+    assert {"REDIS_URL", "UPLVP_DATA_DIR", "UPLVP_MAX_UPLOAD_MB", "UPLVP_JOB_TIME_LIMIT_S",
+            "UPLVP_DEVICE"} <= Settings.env_names()

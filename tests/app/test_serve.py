@@ -99,3 +99,30 @@ def test_serve_runs_the_stack_and_keeps_state_across_restarts(tmp_path: Path, vo
             proc.wait(timeout=60)
         for pid in _pids(f"redis-server 127.0.0.1:{redis_port}"):  # nothing may outlive a failed test
             os.kill(int(pid), signal.SIGKILL)
+
+
+def test_worker_plan_puts_one_train_worker_on_each_gpu() -> None:
+    from app.serve import worker_plan
+
+    env = {"REDIS_URL": "redis://127.0.0.1:1/0"}
+    cpu = worker_plan(0, "auto", env)
+    assert [(w.name, w.queue, w.device) for w in cpu] == [("train", "train", "cpu"), ("infer", "infer", "cpu")]
+    assert all("CUDA_VISIBLE_DEVICES" not in w.env and w.env["OMP_WAIT_POLICY"] == "PASSIVE" for w in cpu)
+    assert [w.device for w in worker_plan(2, "cpu", env)] == ["cpu", "cpu"]  # UPLVP_DEVICE=cpu: GPUs left alone
+    two = worker_plan(2, "auto", env)
+    assert [(w.name, w.queue, w.env["CUDA_VISIBLE_DEVICES"], w.env["UPLVP_DEVICE"]) for w in two] == [
+        ("train-gpu0", "train", "0", "cuda"), ("train-gpu1", "train", "1", "cuda"), ("infer-gpu0", "infer", "0", "cuda")]
+    # a CUDA_VISIBLE_DEVICES given to `uplvp serve` is honoured: worker i gets its i-th entry
+    picked = worker_plan(2, "cuda", {**env, "CUDA_VISIBLE_DEVICES": "4,6"})
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in picked] == ["4", "6", "4"]
+    # an explicit GPU index: the two workers of a CPU machine, told to use that GPU by UPLVP_DEVICE itself
+    assert [(w.name, w.device) for w in worker_plan(2, "cuda:1", env)] == [("train", "cuda:1"), ("infer", "cuda:1")]
+
+
+def test_serve_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "UPLVP_REDIS_URL")}
+    env.update(UPLVP_DEVICE="cuda", CUDA_VISIBLE_DEVICES="")  # no GPU visible, whatever the machine has
+    out = subprocess.run([sys.executable, "-m", "models.cli", "serve", "--port", str(free_port()), "--redis-port",
+                          str(free_port()), "--data-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 2 and "UPLVP_DEVICE=cuda, but torch sees no CUDA GPU" in out.stderr

@@ -85,3 +85,17 @@ def test_time_budget_below_the_minimum_is_a_clear_error(voc_coco, tmp_path, caps
     assert main(["finetune", "--train-ann", str(ann), "--train-images", str(images), "--time-budget", "0.5",
                  "--out", str(tmp_path / "m.pt"), *TINY]) == 2
     assert "time_budget_min must be at least 1.0" in capsys.readouterr().err
+
+
+def test_a_gpu_that_is_not_here_is_a_clear_error(trained, voc_coco, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ann, images = voc_coco
+    assert main(["finetune", "--train-ann", str(ann), "--train-images", str(images), "--device", "cuda",
+                 "--out", str(tmp_path / "m.pt"), *TINY]) == 2
+    assert "device 'cuda' was asked for, but torch sees no CUDA GPU" in capsys.readouterr().err
+    assert main(["segment", "--model", str(trained), str(images / "voc_0.jpg"), "--device", "cuda:1"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["segment", "--model", str(trained), str(images / "voc_0.jpg"), "--device", "gpu"]) == 2
+    assert "auto, cpu, cuda or cuda:N" in capsys.readouterr().err

@@ -225,3 +225,28 @@ def test_a_budgeted_uplvp_job_gives_its_proposals_a_share_of_the_budget(monkeypa
     with pytest.raises(Stop):
         run_uplvp_pretraining(images, ["cat"], tmp_path / "b", params, budget_min=5)
     assert [(c["max_seconds"], c["seed"]) for c in calls] == [(600 * PROPOSAL_SHARE, 3), (0.0, 3)]
+
+
+def test_predictor_cache_on_a_gpu_stops_where_memory_does(tmp_path: Path) -> None:
+    """The LRU is bounded by the device's memory as well as by its capacity: before a model loads, least
+    recently used ones go until a quarter of the GPU is free (here a fake GPU's free/total figures)."""
+    from models.config import ModelConfig, TrainConfig
+    from models.engine.checkpoint import save_checkpoint
+    from models.nets.build import build_model
+
+    cfg = ModelConfig(num_classes=1, backbone_weights="none", width=32, num_kernels=8, num_stages=1, gn_groups=8)
+    paths = [save_checkpoint(tmp_path / f"m{i}.pt", build_model(cfg), cfg, TrainConfig(), [{"id": 1, "name": "a"}],
+                             []) for i in range(3)]
+    free = {"bytes": 100}
+    cache = PredictorCache(capacity=3, free_bytes=lambda: free["bytes"], total_bytes=lambda: 100)
+    cache.get(paths[0])
+    cache.get(paths[1])
+    assert cache.keys() == paths[:2]  # plenty free: both stay
+    free["bytes"] = 10  # the GPU filled up: loading a third drops models until 25 % is free, or none is left
+    cache.get(paths[2])
+    assert cache.keys() == [paths[2]]
+    free["bytes"] = 30
+    cache.get(paths[0])
+    assert cache.keys() == [paths[2], paths[0]]
+    cpu = PredictorCache(capacity=2)  # the CPU has no such figures: capacity alone bounds it
+    assert cpu._total() is None and cpu.onnx_ok

@@ -1,4 +1,5 @@
-"""GET /healthz (the process answers) and GET /readyz (Redis reachable and at least one worker alive)."""
+"""GET /healthz (the process answers) and GET /readyz (Redis reachable and at least one worker alive, with
+each worker's device)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,18 @@ def readyz(registry: RegistryDep) -> JSONResponse:
     """200 when Redis answers and a worker heartbeat is fresh; 503 otherwise."""
     try:
         redis_ok = bool(registry.r.ping())
-        workers = sorted(registry.workers())
+        live = registry.workers()
     except Exception:  # noqa: BLE001 - any Redis failure means not ready
-        redis_ok, workers = False, []
-    ready = redis_ok and bool(workers)
-    body = Readiness(status="ready" if ready else "not_ready", redis=redis_ok, workers=workers)
+        redis_ok, live = False, {}
+    ready = redis_ok and bool(live)
+    body = Readiness(status="ready" if ready else "not_ready", redis=redis_ok, workers=sorted(live),
+                     devices={name: _device_label(info.get("device")) for name, info in sorted(live.items())})
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def _device_label(device: dict | None) -> str:
+    """A heartbeat's device as one string: "cpu", or "cuda:0 (NVIDIA H100)"; "unknown" from an older worker."""
+    if not device:
+        return "unknown"
+    name = device.get("name")
+    return f"{device['device']} ({name})" if device.get("device", "").startswith("cuda") and name else device["device"]

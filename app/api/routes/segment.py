@@ -108,7 +108,8 @@ def post_segment(
                                             rec["name"], rec["version"]],
                      settings.segment_timeout_s, "segment_timeout", "answered", "UPLVP_SEGMENT_TIMEOUT_S")
     if "error" in out:
-        status = 500 if out["error"]["code"] == "artifact_unavailable" else 400  # ours to fix, not the user's
+        # ours to fix (500), the worker's memory (503: smaller or fewer images, or later), else the request (400)
+        status = {"artifact_unavailable": 500, "out_of_memory": 503}.get(out["error"]["code"], 400)
         raise ApiError(status, out["error"]["code"], out["error"]["message"])
     infer_ms, worker_ms = 1000 * (time.perf_counter() - t1), float(out.get("worker_ms", 0.0))
     headers = {"X-Model": rec["name"], "X-Model-Version": str(rec["version"]), "X-Backend": out.get("backend", ""),

@@ -27,12 +27,14 @@ ENGINES = ("offline", "maskcut", "self", "clip", "grid", "saliency")
 
 def build_engine(name: str, vocabulary: list[str], clip_pretrained: str | None = None,
                  clip_arch: str | None = None, model: str | os.PathLike | None = None,
-                 min_score: float = 0.5) -> ProposalEngine:
+                 min_score: float = 0.5, device: str = "cpu") -> ProposalEngine:
     """The one place where engine names and settings meet engine classes.
 
     `clip_pretrained` / `clip_arch` default to the environment's UPLVP_CLIP_PRETRAINED /
     UPLVP_CLIP_ARCH. `model` is the `self` engine's trained checkpoint (its categories are the
-    vocabulary; `vocabulary` is not used) and `min_score` the score its masks need. Raises
+    vocabulary; `vocabulary` is not used) and `min_score` the score its masks need. `device` is where
+    the networks of the offline, maskcut and self engines run (models.engine.device; the clip engine
+    and the baselines stay on the CPU). Raises
     ConfigError (before any image is read) for an unknown engine, an empty vocabulary, CLIP
     weights that are missing or not a CLIP checkpoint, or a `self` engine without a model.
     """
@@ -44,13 +46,13 @@ def build_engine(name: str, vocabulary: list[str], clip_pretrained: str | None =
                               "(--model M.pt), or let a fine-tuning job with proposal_engine=self train it first")
         from models.uplvp.proposals.self_training import SelfEngine
 
-        return SelfEngine(model, min_score=min_score)
+        return SelfEngine(model, min_score=min_score, device=device)
     if not vocabulary:
         raise ConfigError("empty vocabulary: give category names, e.g. --vocab 'cat,dog' or --vocab coco")
     if name in ("offline", "maskcut"):
         from models.uplvp.proposals.offline import MASKCUT, OfflineConfig, OfflineEngine
 
-        engine = OfflineEngine(vocabulary, MASKCUT if name == "maskcut" else OfflineConfig())
+        engine = OfflineEngine(vocabulary, MASKCUT if name == "maskcut" else OfflineConfig(), device=device)
         engine.name = name
         return engine
     if name == "clip":

@@ -89,7 +89,7 @@ MASKCUT = OfflineConfig(ncut_cuts=4, group_segments=True)
 class DenseMobileNet(torch.nn.Module):
     """MobileNetV2 (ImageNet) returning dense 1280-d features at stride 16 and its classifier."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | torch.device = "cpu") -> None:
         super().__init__()
         ensure_mobilenet_weights()
         net = torchvision.models.mobilenet_v2(weights=torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
@@ -99,13 +99,16 @@ class DenseMobileNet(torch.nn.Module):
         for block in net.features[15:18]:
             dw = block.conv[1][0]
             dw.dilation, dw.padding = (2, 2), (2, 2)
-        self.features = net.features.eval()
+        # the convolutions run on `device`; their maps come back to the CPU, where the graph cuts,
+        # clustering and the classifier on pooled features (small, numpy-bound work) run
+        self.device = torch.device(device)
+        self.features = net.features.eval().to(self.device)
         self.classifier = net.classifier[1].eval()  # Linear(1280, 1000); dropout is a no-op at eval
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] normalised -> features [B, 1280, H/16, W/16]."""
-        return self.features(x)
+        return self.features(x.to(self.device)).cpu()
 
     @torch.inference_mode()
     def with_mid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +116,8 @@ class DenseMobileNet(torch.nn.Module):
 
         The mid-level map says more about texture and parts than about ImageNet classes, which is
         what grouping patches into objects of unusual categories (cells, lesions) needs."""
-        mid = self.features[:14](x)
-        return self.features[14:](mid), mid
+        mid = self.features[:14](x.to(self.device))
+        return self.features[14:](mid).cpu(), mid.cpu()
 
 
 def _to_input(image: Image.Image, cfg: OfflineConfig) -> torch.Tensor:
@@ -138,12 +141,12 @@ class OfflineEngine:
     name = "offline"
 
     def __init__(self, vocabulary: list[str], config: OfflineConfig | None = None,
-                 encoder: SentenceEncoder | None = None) -> None:
+                 encoder: SentenceEncoder | None = None, device: str | torch.device = "cpu") -> None:
         if not vocabulary:
             raise ConfigError("empty vocabulary: give category names, e.g. --vocab 'cat,dog' or --vocab coco")
         self.vocabulary = list(vocabulary)
         self.cfg = config or OfflineConfig()
-        self.net = DenseMobileNet()
+        self.net = DenseMobileNet(device)
         encoder = encoder or SentenceEncoder()
         words, imagenet = encoder.encode(self.vocabulary), encoder.imagenet_embeddings()
         self.owner = vocabulary_to_imagenet(words, imagenet)  # [V, 1000]

@@ -27,10 +27,11 @@ class SelfEngine:
 
     name = "self"
 
-    def __init__(self, checkpoint: str | Path, min_score: float = 0.5, num_threads: int = 0) -> None:
+    def __init__(self, checkpoint: str | Path, min_score: float = 0.5, num_threads: int = 0,
+                 device: str = "cpu") -> None:
         from models.engine.inference import Predictor
 
-        self.predictor = Predictor(checkpoint, num_threads)
+        self.predictor = Predictor(checkpoint, num_threads, device)
         self.vocabulary = list(self.predictor.category_names)
         self.min_score = min_score
 

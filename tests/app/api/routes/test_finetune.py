@@ -33,6 +33,10 @@ def test_accepted_job_succeeds_with_a_registered_version(trained: dict[str, Any]
     assert set(result["metrics"]["segm"]) >= {"AP", "AP50", "AP75"}
     assert result["metrics"]["evaluated_on"] == "val" and result["num_val_images"] == 1
     assert job["dataset"]["num_images"] == 4 and len(job["dataset"]["sha256"]) == 64
+    # where it trained: the job record and the version's metrics say so (the worker of the suite: the CPU)
+    training = result["metrics"]["training"]
+    assert job["device"]["device"] == "cpu" and training["device"]["device"] == "cpu"
+    assert training["precision"] == "fp32" and training["batch_size"] >= 1
 
 
 def test_not_a_zip(client: Any) -> None:

@@ -9,6 +9,9 @@ def test_healthz_readyz(client: Any) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["redis"] is True and ready.json()["workers"]
+    # each worker's device, from its heartbeat (the suite's worker runs on the CPU: UPLVP_DEVICE auto, no GPU)
+    assert set(ready.json()["devices"]) == set(ready.json()["workers"])
+    assert set(ready.json()["devices"].values()) == {"cpu"}
 
 
 def test_readyz_without_workers_is_503(client: Any, registry: Any) -> None:
@@ -19,7 +22,8 @@ def test_readyz_without_workers_is_503(client: Any, registry: Any) -> None:
     lonely = client.app.state.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(lonely)) as c:
         resp = c.get("/readyz")
-    assert resp.status_code == 503 and resp.json() == {"status": "not_ready", "redis": False, "workers": []}
+    assert resp.status_code == 503 and resp.json() == {"status": "not_ready", "redis": False, "workers": [],
+                                                 "devices": {}}
 
 
 def test_docs_and_openapi(client: Any) -> None:

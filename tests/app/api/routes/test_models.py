@@ -15,6 +15,7 @@ def test_version_record(client: Any, trained: dict[str, Any]) -> None:
     assert rec["name"] == "voc" and rec["version"] == v and rec["job_id"] == trained["job"]["id"]
     assert rec["dataset_sha256"] == trained["job"]["dataset"]["sha256"] and rec["parent"] is None
     assert rec["size_bytes"] > 0 and rec["created_at"] and "AP" in rec["metrics"]["segm"]
+    assert rec["metrics"]["training"]["device"]["device"] == "cpu"  # the version says which device trained it
     assert [c["name"] for c in rec["categories"]] == ["bottle", "chair", "diningtable", "person"]
     assert any(m["name"] == "voc" for m in client.get("/models").json())
 
