@@ -126,6 +126,9 @@ class TrainConfig:
     evaluations: int = 8  # budgeted runs: evaluations spread over the run (the last step is always one)
     early_stop_patience: int = 0  # stop after this many evaluations without a better val AP (0: never)
     keep_best: bool = True  # with a val set: the model returned is the evaluation with the best val AP
+    # EMA of the weights (0: off): evaluations, the kept checkpoint and the result use the average, whose
+    # decay ramps up as min(ema, (1 + t) / (10 + t)) after t updates (train.ema_average)
+    ema: float = 0.0
     device: str = "cpu"  # auto | cpu | cuda | cuda:N (models.engine.device.resolve_device)
     amp: bool | None = None  # mixed precision; None: on for CUDA (bf16, else fp16 + grad scaler), off on the CPU
     loader_workers: int = -1  # DataLoader worker processes; -1: none on the CPU, a few on a GPU (device.loader_workers)
@@ -143,6 +146,8 @@ class TrainConfig:
             )
         if self.time_budget_s < 0 or self.max_steps < 0 or self.early_stop_patience < 0 or self.evaluations < 1:
             raise ConfigError("time_budget_s, max_steps and early_stop_patience must be >= 0, evaluations >= 1")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
         if not DEVICE_PATTERN.match(str(self.device)):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if any(not 0 < s <= 1 for s in self.lr_steps):

@@ -111,6 +111,7 @@ class FinetuneParams:
     eval_every: int = 0  # epochs between evaluations; 0: every epoch for small val sets, else ~6 times
     early_stop_patience: int = 0  # evaluations without a better val AP before stopping (0: never)
     keep_best: bool = True  # the version is the evaluation with the best val AP, not the last step
+    ema: float = 0.0  # EMA of the weights, its decay (0: off); evaluated, selected and kept (models.engine.train)
     # augmentation (training only): scale jitter range, photometric strength, copy-paste chance
     scale_min: float = 0.75
     scale_max: float = 1.25
@@ -252,7 +253,7 @@ class FinetuneParams:
                            seed=self.seed, short_side=self.image_size, max_long_side=self.max_size,
                            num_threads=self.threads, eval_every=self.eval_every or epochs,
                            time_budget_s=60.0 * self.time_budget_min, early_stop_patience=self.early_stop_patience,
-                           keep_best=self.keep_best, device=self.device, amp=self.amp)
+                           keep_best=self.keep_best, ema=self.ema, device=self.device, amp=self.amp)
 
     def transform(self, train: bool) -> Any:
         """The data transform: the augmentations when training, none for evaluation."""

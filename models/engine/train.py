@@ -125,6 +125,23 @@ def lr_at(step: int, epoch: int, cfg: TrainConfig, total_steps: int | None = Non
     return lr
 
 
+def ema_average(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """torch.optim.swa_utils.AveragedModel's `multi_avg_fn` for an exponential moving average whose decay
+    ramps up, min(decay, (1 + t) / (10 + t)) after t updates: a few-hundred-step run must not spend its
+    first thousand steps averaging in its random start. Integer buffers are copied."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        t = float(updates)
+        d = min(decay, (1.0 + t) / (10.0 + t))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, 1.0 - d)
+            else:
+                a.copy_(c)
+
+    return update
+
+
 def train(
     model: nn.Module,
     train_set: torch.utils.data.Dataset,
@@ -176,6 +193,14 @@ def train(
             # a budgeted run continues the plan it made, not a new one from a cold start
             cfg = dataclasses.replace(cfg, max_steps=planned.max_steps, epochs=planned.epochs,
                                       eval_every=planned.eval_every)
+    # The weights' EMA (cfg.ema > 0): evaluated, kept and returned instead of the raw weights, which go on training
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_average(cfg.ema), use_buffers=True) \
+        if cfg.ema else None
+    if ema is not None and resume is not None and (resume.get("extra") or {}).get("ema"):
+        saved = resume["extra"]["ema"]
+        ema.module.load_state_dict(saved["model"])
+        ema.n_averaged.fill_(int(saved["updates"]))
+    evaluated = ema.module if ema is not None else model  # what evaluations, selection and the result see
     step_fn = step_fn or (lambda m, b: m.compute_losses(b.images, b.targets))
     trainable = [p for g in opt.param_groups for p in g["params"]]
     budgeted = bool(cfg.time_budget_s) and not cfg.max_steps  # a plan is still to be made
@@ -188,6 +213,9 @@ def train(
             keep = dict(extra or {})
             if state.best is not None and state.best_weights is not None:
                 keep["best"] = {**state.best, "model": state.best_weights}
+            if ema is not None:  # a resumed run continues the same average
+                keep["ema"] = {"model": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
+                               "updates": int(ema.n_averaged)}
             save_checkpoint(out, model, model_cfg, cfg, categories, state.history, opt, state.epoch, state.step, keep)
 
     def finished() -> bool:
@@ -266,6 +294,8 @@ def train(
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
             state.step += 1
             n_steps += 1
             n_images += batch.images.shape[0]
@@ -314,20 +344,21 @@ def train(
         last_epoch = finished() or over_budget
         if evaluate is not None and (state.epoch % cfg.eval_every == 0 or last_epoch):
             te = time.perf_counter()
-            metrics = evaluate(model)
+            metrics = evaluate(evaluated)
             entry["eval_time_s"] = time.perf_counter() - te
             entry.update({k: metrics["segm"][k] for k in ("AP", "AP50", "AP75")})
             entry["agnostic_AP"] = metrics["class_agnostic"]["AP"]
             entry["agnostic_AP50"] = metrics["class_agnostic"]["AP50"]
             if hooks.on_evaluation:
-                hooks.on_evaluation(model, {**metrics, "epoch": state.epoch, "step": state.step,
+                hooks.on_evaluation(evaluated, {**metrics, "epoch": state.epoch, "step": state.step,
                                             "elapsed_s": time.perf_counter() - run_t0})
             score = selection_score(metrics)
             if state.best is None or score > state.best["score"]:
                 state.best = {"epoch": state.epoch, "step": state.step, "score": score, "metrics": metrics}
                 if cfg.keep_best:
                     # on the CPU: a GPU's memory is for training, and the checkpoint is written from CPU copies
-                    state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    state.best_weights = {k: v.detach().to("cpu", copy=True)
+                                          for k, v in evaluated.state_dict().items()}
                 patience_left = cfg.early_stop_patience
             elif cfg.early_stop_patience:
                 patience_left -= 1
@@ -345,9 +376,11 @@ def train(
             hooks.on_epoch(entry)
         if state.epoch % cfg.checkpoint_every == 0 or finished():
             if finished() and cfg.keep_best and state.best_weights is not None and state.best is not None \
-                    and state.best["step"] != state.step:
+                    and (state.best["step"] != state.step or ema is not None):
                 # the run ends on the best evaluation's weights, not on whatever the last step left
                 model.load_state_dict(state.best_weights)
+            elif finished() and ema is not None:
+                model.load_state_dict(ema.module.state_dict())  # no selection: the average is the result
             checkpoint()
     state.config = cfg
     return state

@@ -159,3 +159,48 @@ def test_overfits_real_photo(voc):
         pass
     assert best >= 0.7, f"IoU by epoch: {iou_at}"
     assert np.isfinite(best)
+
+
+def test_ema_is_what_is_evaluated_kept_and_resumed(voc, tmp_path):
+    """With an EMA of the weights, evaluations see the average, the run ends on it, and a run resumed from
+    its checkpoint continues the same average (identical weights to a straight run)."""
+    from models.engine.train import ema_average
+
+    a, c = [torch.zeros(3), torch.zeros(1, dtype=torch.int64)], [torch.ones(3), torch.full((1,), 7)]
+    ema_average(0.99)(a, c, torch.tensor(0))
+    assert torch.allclose(a[0], torch.full((3,), 0.9)) and a[1].item() == 7  # t = 0: decay 1/10, ints copied
+    mcfg = ModelConfig(num_classes=len(voc.categories), **TINY)
+    ds = CocoDataset(voc, TransformConfig(96, 128), train=True)
+
+    def run(epochs, out, resume=None, stop_after=None):
+        tcfg = TrainConfig(epochs=3, batch_size=1, short_side=96, max_long_side=128, warmup_iters=2, ema=0.9,
+                           keep_best=False)
+        torch.manual_seed(0)
+        model = build_model(mcfg)
+        seen = []
+        done = []
+
+        def evaluate(m):
+            seen.append({k: v.clone() for k, v in m.state_dict().items()})
+            return {"segm": {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}, "class_agnostic": {"AP": 0.0, "AP50": 0.0}}
+
+        hooks = TrainHooks(progress=False, on_epoch=lambda e: done.append(e["epoch"]),
+                           should_stop=lambda: stop_after is not None and stop_after in done)
+        try:
+            train(model, ds, mcfg, tcfg, voc.categories.to_coco(), out=out, resume=resume, hooks=hooks,
+                  evaluate=evaluate)
+        except TrainingCancelled:
+            pass
+        return model, seen
+
+    straight, seen = run(3, tmp_path / "s.pt")
+    assert len(seen) == 3
+    # the result is the average the last evaluation saw, not the raw weights of the last step
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, seen[-1][k]), k
+    run(3, tmp_path / "p.pt", stop_after=2)
+    ckpt = load_checkpoint(tmp_path / "p.pt")
+    assert ckpt["extra"]["ema"]["updates"] == 2
+    resumed, _ = run(3, tmp_path / "r.pt", resume=ckpt)
+    for (k, x), y in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), k
