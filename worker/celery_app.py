@@ -101,21 +101,32 @@ def send_warm(app: Celery, name: str | None = None, version: int | None = None) 
 
 
 @worker_init.connect
-def _check_device(**_: Any) -> None:
-    """Refuse to start a worker whose UPLVP_DEVICE names a GPU that is not here: it must not train on the
-    CPU for hours while its user thinks it is on a GPU. The exit code is 3; the message says what to change."""
-    from worker.tasks import worker_device
+def _check_startup(**_: Any) -> None:
+    """Refuse to start a worker that could only fail its jobs: one whose UPLVP_DEVICE names a GPU that is not
+    here (it must not train on the CPU for hours while its user thinks it is on a GPU), or whose artifact
+    store does not answer (a missing bucket or a refused credential would fail the first job, not the start).
+    The exit code is 3; the message says what to change."""
+    from worker.tasks import registry, worker_device
 
+    s = get_settings()
     try:
         device = worker_device()
     except Exception as exc:  # noqa: BLE001 - DeviceError, or a CUDA driver that fails to initialise
-        log.critical("UPLVP_DEVICE=%s: %s. This worker does not start.", get_settings().device, exc)
-        import os
-        import sys
+        _refuse(f"UPLVP_DEVICE={s.device}: {exc}")
+    try:
+        registry().store.check()
+    except OSError as exc:
+        _refuse(f"UPLVP_ARTIFACTS={s.artifacts}: {exc}")
+    log.info("worker device: %s; artifacts: %s", device, s.artifacts)
 
-        sys.stderr.flush()
-        os._exit(3)  # Celery catches SystemExit raised from a signal handler and would start anyway
-    log.info("worker device: %s", device)
+
+def _refuse(reason: str) -> None:
+    import os
+    import sys
+
+    log.critical("%s. This worker does not start.", reason)
+    sys.stderr.flush()
+    os._exit(3)  # Celery catches SystemExit raised from a signal handler and would start anyway
 
 
 @worker_ready.connect

@@ -31,7 +31,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from app.core.config import get_settings
 from app.metrics import record_segment_latency
 from app.registry import TERMINAL, NotFound, Registry, from_settings
-from app.storage import ArtifactError
+from app.storage import ArtifactError, StoreUnavailable
 from worker.celery_app import (
     EXPORT_TASK,
     WARM_TASK,
@@ -133,7 +133,7 @@ class JobReporter:
 
     def __init__(self, reg: Registry, job_id: str, epochs: int, lock_lost: Callable[[], bool] = lambda: False,
                  min_interval_s: float = 0.5, pretrain_epochs: int = 0, plan: str = "finetune",
-                 time_budget_s: float = 0.0) -> None:
+                 time_budget_s: float = 0.0, checkpoint_upload_s: float = 60.0) -> None:
         self.reg, self.job_id, self.lock_lost = reg, job_id, lock_lost
         self.epochs = max(1, epochs)
         self.pretrain_epochs = max(1, pretrain_epochs or epochs)
@@ -147,6 +147,8 @@ class JobReporter:
         self._t0: float | None = None
         self._stage_t0 = time.monotonic()
         self._done0 = 0
+        self.checkpoint_upload_s = checkpoint_upload_s
+        self._uploaded_at: float | None = None
 
     def _progress(self, frac: float) -> float:
         lo, hi = self.ranges.get(self.stage, (0.0, 0.0))
@@ -204,6 +206,21 @@ class JobReporter:
                                               "images_per_s": entry.get("images_per_s"), "AP": entry.get("AP"),
                                               "AP50": entry.get("AP50")})
 
+    def on_checkpoint(self, path: Path) -> None:
+        """With a remote store: the fine-tuning's resume checkpoint goes there (at most every
+        checkpoint_upload_s), so that a worker on another host resumes the job from it. Other
+        checkpoints (the teacher's, the pre-training's) stay local."""
+        if not self.reg.remote_store or Path(path) != self.reg.job_dir(self.job_id) / "run" / "checkpoint.pt":
+            return
+        now = time.monotonic()
+        if self._uploaded_at is not None and now - self._uploaded_at < self.checkpoint_upload_s:
+            return
+        try:
+            self.reg.put_job_file(self.job_id, Path(path), Registry.JOB_CHECKPOINT)
+            self._uploaded_at = now
+        except OSError as exc:  # the store is away: training goes on, and the next checkpoint tries again
+            log.warning("job %s: checkpoint not stored (%s); trying again at the next one", self.job_id, exc)
+
     @property
     def lost_lock(self) -> bool:
         """Another run holds this job's lock now."""
@@ -218,7 +235,35 @@ class JobReporter:
         from models.pipeline import PipelineHooks
 
         return PipelineHooks(on_stage=self.on_stage, on_proposal=self.on_proposal, on_step=self.on_step,
-                             on_epoch=self.on_epoch, on_plan=self.on_plan, should_stop=self.should_stop)
+                             on_epoch=self.on_epoch, on_plan=self.on_plan, should_stop=self.should_stop,
+                             on_checkpoint=self.on_checkpoint)
+
+
+def job_files(reg: Registry, job: dict[str, Any]) -> None:
+    """Rebuild a job's work dir on this host from a remote store where it is missing (the job was submitted
+    through another host's API, or its first worker died): its uploaded zips, extracted as the API extracted
+    them, and the fine-tuning's last resume checkpoint. A no-op with the local store (the data dir is shared)."""
+    from app.dataset import ZipLimits, safe_extract
+
+    if not reg.remote_store:
+        return
+    s, work = get_settings(), reg.job_dir(job["id"])
+    limits = ZipLimits(s.max_zip_members, int(s.max_unzipped_mb * 2**20), s.max_compression_ratio)
+    for field, up in ((job.get("dataset") or {}).get("uploads") or {}).items():
+        if up is None or (work / up["dir"]).is_dir():
+            continue
+        try:
+            zip_path = reg.store.fetch(up["key"], up["sha256"])  # verified against the sha256 the API recorded
+        except ArtifactError as exc:  # the job fails as storage_error, saying which upload
+            raise StoreUnavailable(f"the job's upload '{field}' cannot be read from the store: {exc}") from None
+        safe_extract(zip_path, work / up["dir"], limits, field=field)
+        zip_path.unlink(missing_ok=True)  # the extracted folder is the cache; the zip stays in the store
+    local = work / "run" / "checkpoint.pt"
+    key = reg.job_key(job["id"], Registry.JOB_CHECKPOINT)
+    if not local.is_file() and reg.store.exists(key):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(reg.store.fetch(key), local)
+        log.info("job %s: resuming from the checkpoint in the store", job["id"])
 
 
 def _fail(reg: Registry, job_id: str, code: str, message: str) -> str:
@@ -296,8 +341,9 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
     plan = "pretrain" if job["kind"] == "pretrain" else "finetune" if not params.pretrain \
         else "uplvp_self" if params.proposal_engine == "self" else "uplvp"
     reporter = JobReporter(reg, job_id, params.epochs, lock_lost, pretrain_epochs=params.pretrain_epochs, plan=plan,
-                           time_budget_s=60.0 * params.time_budget_min)
+                           time_budget_s=60.0 * params.time_budget_min, checkpoint_upload_s=s.checkpoint_upload_s)
     try:
+        job_files(reg, job)
         out = body(job, reg, params, reporter)
     except TrainingCancelled:
         if reporter.lost_lock:
@@ -310,6 +356,8 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
         return _fail(reg, job_id, exc.code, message.replace(str(work) + "/", ""))
     except ArtifactError as exc:
         return _fail(reg, job_id, "base_unavailable", f"the base model version cannot be used: {exc}")
+    except StoreUnavailable as exc:  # the S3 store: down past its retries, or its upload gone
+        return _fail(reg, job_id, "storage_error", str(exc))
     except OSError as exc:  # disk full or data dir unwritable while writing a checkpoint or report
         return _fail(reg, job_id, "storage_error", f"could not write to the data dir: {exc.strerror or exc}")
     except SoftTimeLimitExceeded:
@@ -331,7 +379,7 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
         rec = reg.register_version(job["name"], out["artifact"], out["metrics"], out["categories"], out["params"],
                                    out["parent"], job["dataset"]["sha256"], job_id, kind=out["kind"],
                                    reports=out["reports"])
-    except OSError as exc:  # disk full, data dir unwritable: earlier versions are untouched (atomic put)
+    except OSError as exc:  # disk full, data dir unwritable, S3 down: earlier versions are untouched (atomic put)
         return _fail(reg, job_id, "storage_error", f"could not store the model: {exc.strerror or exc}")
     if s.infer_backend == "onnx" and out["kind"] == "finetuned":
         reg.update_job(job_id, stage="exporting")  # so that the first POST /segment finds the graph ready
@@ -370,8 +418,10 @@ def _training_task(task: Any, job_id: str, body: Callable[..., dict[str, Any]]) 
             reg.release_lock(job_id, token)
             # The work dir (dataset, checkpoints) goes only when the registry says the job is over:
             # a run that died of a Redis outage is resumed from it.
-            if reg.get_job(job_id)["state"] in TERMINAL:
+            job = reg.get_job(job_id)
+            if job["state"] in TERMINAL:
                 shutil.rmtree(reg.job_dir(job_id), ignore_errors=True)
+                reg.delete_job_files(job)  # its uploads and checkpoint in a remote store go with it
         except Exception:  # noqa: BLE001
             log.exception("could not release job %s", job_id)
 

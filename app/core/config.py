@@ -20,8 +20,16 @@ class Settings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "UPLVP_REDIS_URL"),
                            description="Redis: Celery broker, result backend, job and model registry")
-    artifact_store: Literal["local"] = Field("local", description="where checkpoints live: `local` = files under "
-                                             "the data dir (a shared filesystem between machines); see app/storage.py")
+    artifacts: str = Field("local", validation_alias=AliasChoices("UPLVP_ARTIFACTS", "UPLVP_ARTIFACT_STORE"),
+                           description="where checkpoints live: `local` = files under the data dir (a shared filesystem "
+                           "between machines), or `s3://bucket/prefix` = objects in an S3-compatible bucket "
+                           "(UPLVP_S3_ENDPOINT_URL; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); "
+                           "see app/storage.py")
+    s3_endpoint_url: str | None = Field(None, description="the S3 endpoint of an s3:// UPLVP_ARTIFACTS (SeaweedFS, "
+                                        "MinIO, ...); unset: AWS")
+    checkpoint_upload_s: float = Field(60.0, ge=0, description="with an s3:// store: a fine-tune's resume checkpoint "
+                                       "goes to the store at most this often (0: after every epoch), so that a job "
+                                       "whose host dies resumes on another from there")
     data_dir: Path = Field(Path("data"), description="uploads, job work dirs and model artifacts (share it between machines)")
     max_upload_mb: float = Field(500.0, gt=0, description="cap on one uploaded dataset zip / image batch (413 above)")
     max_zip_members: int = Field(20000, gt=0, description="cap on the number of files in a dataset zip")
@@ -73,6 +81,14 @@ class Settings(BaseSettings):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {v!r}")
         return v
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts_scheme(cls, v: str) -> str:
+        from app.storage import parse_artifacts
+
+        parse_artifacts(v)  # ValueError names the supported forms
+        return v.strip()
 
     @field_validator("webhook_secret")
     @classmethod

@@ -48,6 +48,7 @@ class TrainHooks:
     # the run's layout: {"epochs", "steps" (0: epochs x steps per epoch), "steps_per_epoch", "time_budget_s"},
     # at the start and again when a budgeted run has timed its first steps
     on_plan: Callable[[dict[str, Any]], None] | None = None
+    on_checkpoint: Callable[[Path], None] | None = None  # after each checkpoint is written (its path)
     progress: bool = True  # tqdm bars
 
 
@@ -217,6 +218,8 @@ def train(
                 keep["ema"] = {"model": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
                                "updates": int(ema.n_averaged)}
             save_checkpoint(out, model, model_cfg, cfg, categories, state.history, opt, state.epoch, state.step, keep)
+            if hooks.on_checkpoint:
+                hooks.on_checkpoint(Path(out))
 
     def finished() -> bool:
         if state.stopped:

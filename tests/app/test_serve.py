@@ -19,13 +19,26 @@ import httpx
 from tests.service_fixtures import ROOT, TINY, free_port
 
 
-def _serve(data_dir: Path, port: int, redis_port: int, log: Path) -> subprocess.Popen:
+def _serve(data_dir: Path, port: int, redis_port: int, log: Path, *extra: str,
+           env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "UPLVP_REDIS_URL")}
-    env.update(UPLVP_HEARTBEAT_S="1", OMP_NUM_THREADS="1", UPLVP_WORKER_THREADS="1")
+    env.update(UPLVP_HEARTBEAT_S="1", OMP_NUM_THREADS="1", UPLVP_WORKER_THREADS="1", **(env_extra or {}))
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--redis-port",
-                                 str(redis_port), "--data-dir", str(data_dir)], cwd=ROOT, env=env, stdout=out,
+                                 str(redis_port), "--data-dir", str(data_dir), *extra], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_job(base: str, job_id: str, log: Path, timeout_s: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{base}/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.5)
+    assert job["state"] == "succeeded", (job, log.read_text()[-3000:])
+    return job
 
 
 def _ready(base: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
@@ -65,14 +78,7 @@ def test_serve_runs_the_stack_and_keeps_state_across_restarts(tmp_path: Path, vo
                           data={"name": "served", **TINY}, timeout=60)
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
-        deadline = time.monotonic() + 120
-        job: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            job = httpx.get(f"{base}/jobs/{job_id}").json()
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(0.5)
-        assert job["state"] == "succeeded", (job, log.read_text()[-3000:])
+        job = _wait_job(base, job_id, log)
 
         # Supervision: a Redis and a worker killed with SIGKILL are started again; nothing is lost.
         for pattern in (f"redis-server 127.0.0.1:{redis_port}", "-Q infer -n infer@"):
@@ -126,3 +132,45 @@ def test_serve_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
                           str(free_port()), "--data-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=180)
     assert out.returncode == 2 and "UPLVP_DEVICE=cuda, but torch sees no CUDA GPU" in out.stderr
+
+
+def test_serve_keeps_models_in_an_s3_bucket(tmp_path: Path, voc_zip: bytes, s3_server: Any) -> None:
+    """`uplvp serve --artifacts s3://...` against a real SeaweedFS: the trained version's checkpoint is an object
+    in the bucket (sha256 in its metadata) and downloads verified; a missing bucket stops it at start."""
+    port, redis_port, log = free_port(), free_port(), tmp_path / "serve.log"
+    base = f"http://127.0.0.1:{port}"
+    prefix = f"serve-{tmp_path.name[-10:]}".lower().replace("_", "-")
+    refused = subprocess.run([sys.executable, "-m", "models.cli", "serve", "--port", str(port), "--redis-port",
+                              str(redis_port), "--data-dir", str(tmp_path / "refused"), "--artifacts",
+                              "s3://no-such-bucket/x"], cwd=ROOT, env={**os.environ, **s3_server.env()},
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "bucket 'no-such-bucket' does not exist" in refused.stderr
+    proc = _serve(tmp_path / "data", port, redis_port, log, "--artifacts", f"s3://{s3_server.BUCKET}/{prefix}",
+                  env_extra=s3_server.env())
+    try:
+        _ready(base, proc, log)
+        ready = httpx.get(f"{base}/readyz").json()
+        assert ready["store"] is True and ready["store_error"] is None
+        resp = httpx.post(f"{base}/finetune", files={"dataset": ("d.zip", voc_zip, "application/zip")},
+                          data={"name": "ins3", **TINY}, timeout=60)
+        job = _wait_job(base, resp.json()["id"], log)
+        # the upload went through the bucket (a worker on another host would extract it from there) and left
+        # with the job
+        jobs_prefix = f"{prefix}/jobs/{job['id']}/"
+        assert job["dataset"]["uploads"]["dataset"]["key"] == f"jobs/{job['id']}/dataset.zip"
+        deadline = time.monotonic() + 20
+        while s3_server.client().list_objects_v2(Bucket=s3_server.BUCKET, Prefix=jobs_prefix).get("KeyCount"):
+            assert time.monotonic() < deadline, "the finished job's files are still in the bucket"
+            time.sleep(0.5)
+        version = httpx.get(f"{base}/models/ins3/versions/{job['result']['version']}").json()
+        head = s3_server.client().head_object(Bucket=s3_server.BUCKET, Key=f"{prefix}/models/ins3/v{version['version']}/model.pt")
+        assert head["Metadata"]["sha256"] == version["sha256"]
+        download = httpx.get(f"{base}/models/ins3/versions/{version['version']}/download", timeout=60)
+        assert download.status_code == 200 and download.headers["x-checksum-sha256"] == version["sha256"]
+        _stop(proc, (port, redis_port))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
+        for pid in _pids(f"redis-server 127.0.0.1:{redis_port}"):
+            os.kill(int(pid), signal.SIGKILL)

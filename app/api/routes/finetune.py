@@ -107,8 +107,8 @@ def post_finetune(
     base_ref = resolve_base(registry, name, base)
     job_id = registry.new_job_id()
     work = registry.job_dir(job_id)
-    with validating(work):
-        got = receive_zip(dataset, "dataset", work / "dataset", settings, job_id)
+    with validating(work, registry):
+        got = receive_zip(dataset, "dataset", work / "dataset", settings, job_id, registry)
         layout = inspect_dataset(work / "dataset", settings.max_image_pixels)
         if pretrain and proposal["proposal_engine"] == "self" and layout.val_ann is None \
                 and (val_fraction == 0 or layout.num_images < 2):
@@ -117,10 +117,14 @@ def post_finetune(
                            f"and val_fraction={val_fraction:g} holds none of its {layout.num_images} image(s) out; "
                            "add a val split or images, set val_fraction > 0, or choose another proposal_engine")
         info = {**layout.to_dict(), "sha256": got.sha256, "size_bytes": got.size_bytes, "filename": got.filename}
+        uploads = {"dataset": got.stored}
         if unlabeled is not None:
-            extra = receive_zip(unlabeled, "unlabeled", work / "unlabeled", settings, job_id)
+            extra = receive_zip(unlabeled, "unlabeled", work / "unlabeled", settings, job_id, registry)
             info.update(unlabeled_dir="unlabeled", unlabeled_images=inspect_images(work / "unlabeled", settings.max_image_pixels),
                         unlabeled_sha256=extra.sha256)
+            uploads["unlabeled"] = extra.stored
+        if registry.remote_store:  # where a worker on another host finds them (worker.tasks.job_files)
+            info["uploads"] = uploads
     params = {**resolve_budget(training, settings.default_time_budget_min), **proposal, "val_fraction": val_fraction,
               "pretrain": pretrain,
               "pretrain_epochs": pretrain_epochs}

@@ -1,5 +1,5 @@
-"""GET /healthz (the process answers) and GET /readyz (Redis reachable and at least one worker alive, with
-each worker's device)."""
+"""GET /healthz (the process answers) and GET /readyz (Redis reachable, the artifact store answering and at
+least one worker alive, with each worker's device)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,20 @@ def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, summary="Readiness")
 def readyz(registry: RegistryDep) -> JSONResponse:
-    """200 when Redis answers and a worker heartbeat is fresh; 503 otherwise."""
+    """200 when Redis and the artifact store answer and a worker heartbeat is fresh; 503 otherwise, saying why."""
     try:
         redis_ok = bool(registry.r.ping())
         live = registry.workers()
     except Exception:  # noqa: BLE001 - any Redis failure means not ready
         redis_ok, live = False, {}
-    ready = redis_ok and bool(live)
-    body = Readiness(status="ready" if ready else "not_ready", redis=redis_ok, workers=sorted(live),
+    try:
+        registry.store.check()
+        store_error = None
+    except OSError as exc:  # StoreUnavailable: a missing bucket, a refused credential, no endpoint
+        store_error = str(exc)
+    ready = redis_ok and bool(live) and store_error is None
+    body = Readiness(status="ready" if ready else "not_ready", redis=redis_ok, store=store_error is None,
+                     store_error=store_error, workers=sorted(live),
                      devices={name: _device_label(info.get("device")) for name, info in sorted(live.items())})
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 

@@ -69,12 +69,12 @@ def post_pretrain(
     vocab = check_vocabulary(vocabulary)
     job_id = registry.new_job_id()
     work = registry.job_dir(job_id)
-    with validating(work):
-        got = receive_zip(images_zip, "images_zip", work / "images", settings, job_id)
+    with validating(work, registry):
+        got = receive_zip(images_zip, "images_zip", work / "images", settings, job_id, registry)
         n = inspect_images(work / "images", settings.max_image_pixels)
     params = {**training, **proposal, "time_budget_min": 0.0, "vocabulary": vocab, "pretrain": True,
               "pretrain_epochs": training["epochs"]}
     info = {"images_dir": "images", "num_images": n, "sha256": got.sha256, "size_bytes": got.size_bytes,
-            "filename": got.filename}
+            "filename": got.filename, **({"uploads": {"images_zip": got.stored}} if got.stored else {})}
     return queue_job(registry, celery, response, job_id, name, "pretrain", PRETRAIN_TASK, params, info, None, principal.id,
                      webhook_url)

@@ -23,7 +23,7 @@ def test_readyz_without_workers_is_503(client: Any, registry: Any) -> None:
     with TestClient(create_app(lonely)) as c:
         resp = c.get("/readyz")
     assert resp.status_code == 503 and resp.json() == {"status": "not_ready", "redis": False, "workers": [],
-                                                 "devices": {}}
+                                                 "devices": {}, "store": True, "store_error": None}
 
 
 def test_docs_and_openapi(client: Any) -> None:
@@ -39,3 +39,22 @@ def test_docs_and_openapi(client: Any) -> None:
 def test_unknown_route_uses_the_error_shape(client: Any) -> None:
     body = client.get("/nowhere").json()
     assert body["error"]["code"] == "not_found"
+
+
+def test_readyz_names_a_store_that_does_not_answer(client: Any, monkeypatch: Any) -> None:
+    """A store that does not answer (no endpoint here; a missing bucket or refused credential alike, see
+    tests/app/test_storage.py) makes the service not ready, saying why."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.service_fixtures import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+
+    broken = client.app.state.settings.model_copy(update={"artifacts": "s3://no-such-bucket/x",
+                                                          "s3_endpoint_url": f"http://127.0.0.1:{free_port()}"})
+    with TestClient(create_app(broken)) as c:
+        resp = c.get("/readyz")
+    assert resp.status_code == 503 and resp.json()["store"] is False
+    assert "could not be reached" in resp.json()["store_error"] and resp.json()["redis"] is True
