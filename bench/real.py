@@ -88,7 +88,7 @@ OLD_DEFAULTS: dict[str, Any] = dict(lr=1e-4, image_size=384, max_size=640, warmu
                                     scale_min=1.0, scale_max=1.0, photometric=0.0, copy_paste=0.0, kernels=50,
                                     frozen_stages=1, light_p2=False, init_pool="sum", init_kernel_std=1.0, one_to_many=1,
                                     kernel_init="static", neck_conv="full",
-                                    rescore=False, nms=False, keep_best=False)
+                                    rescore=False, nms=False, keep_best=False, ema=0.0, batch_size=2)
 
 
 ISA = cpu_isa() or "other"  # this machine's kind of CPU (bench.common.cpu_isa)
