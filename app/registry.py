@@ -26,7 +26,7 @@ import uuid
 from datetime import UTC, datetime
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -184,6 +184,17 @@ class Registry:
     # (JOB_CHECKPOINT), and a worker on any host rebuilds the work dir from them (worker.tasks.job_files).
 
     JOB_CHECKPOINT = "checkpoint.pt"  # the fine-tuning's resume checkpoint, at jobs/<id>/checkpoint.pt
+    # Every file that lets another host resume a job where it stopped, by its store name, with its path under
+    # the job's work dir (as models.pipeline lays a run out in run/): the fine-tuning's resume checkpoint and a
+    # UPLVP job's stages before it (the `self` engine's teacher, the pseudo masks, the pre-training's checkpoint),
+    # so that a job whose host dies after its proposals does not propose again elsewhere.
+    JOB_RESUME_FILES: ClassVar[dict[str, str]] = {
+        JOB_CHECKPOINT: "run/checkpoint.pt",
+        "teacher_checkpoint.pt": "run/teacher/checkpoint.pt",
+        "teacher.pt": "run/teacher/model.pt",
+        "pseudo.json": "run/pretrain/pseudo.json",
+        "pretrain.pt": "run/pretrain/pretrain.pt",
+    }
 
     @property
     def remote_store(self) -> bool:
@@ -201,11 +212,11 @@ class Registry:
         return {"key": stored.key, "sha256": stored.sha256, "size_bytes": stored.size_bytes}
 
     def delete_job_files(self, job: dict[str, Any]) -> None:
-        """Remove a finished job's files from a remote store: its uploads and its resume checkpoint."""
+        """Remove a finished job's files from a remote store: its uploads and its resume files."""
         if not self.remote_store:
             return
         uploads = (job.get("dataset") or {}).get("uploads") or {}
-        for key in [u["key"] for u in uploads.values()] + [self.job_key(job["id"], self.JOB_CHECKPOINT)]:
+        for key in [u["key"] for u in uploads.values()] + [self.job_key(job["id"], n) for n in self.JOB_RESUME_FILES]:
             self.store.delete(key)
 
     def create_job(self, job_id: str, name: str, params: dict[str, Any], dataset: dict[str, Any],

@@ -93,7 +93,8 @@ class Job(BaseModel):
     output: SegmentResponse | None = Field(None, description="segment (async=true): the instances per image")
     attempts: int = 0
     device: dict[str, Any] | None = Field(None, description="where the job ran (its last attempt): device (cpu or "
-                                          "cuda:N), name, and memory_gb of a GPU or threads of the CPU",
+                                          "cuda:N), name, memory_gb of a GPU or threads of the CPU, and the Celery worker's "
+                                          "name (`worker`: which host)",
                                           examples=[{"device": "cuda:0", "name": "NVIDIA H100", "memory_gb": 79.2}])
     history: list[dict[str, Any]] = Field(default_factory=list, description="per epoch: stage, epoch, mean loss "
                                           "(the learning curve)")

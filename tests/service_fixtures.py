@@ -38,16 +38,16 @@ def free_port() -> int:
 class RedisServer:
     """redis-server on loopback with its AOF in `dir`; restartable on the same port and dir."""
 
-    def __init__(self, binary: str, port: int, dir: Path) -> None:
-        self.binary, self.port, self.dir = binary, port, dir
-        self.url = f"redis://127.0.0.1:{port}/0"
+    def __init__(self, binary: str, port: int, dir: Path, host: str = "127.0.0.1") -> None:
+        self.binary, self.port, self.dir, self.host = binary, port, dir, host
+        self.url = f"redis://{host}:{port}/0"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         from app.serve import start_redis, wait_for_redis
 
-        self.proc = start_redis(self.binary, self.port, self.dir)
-        wait_for_redis("127.0.0.1", self.port)
+        self.proc = start_redis(self.binary, self.port, self.dir, self.host)
+        wait_for_redis(self.host, self.port)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -78,10 +78,10 @@ class SeaweedS3:
 
     ACCESS_KEY, SECRET_KEY, BUCKET = "uplvp-test-key", "uplvp-test-secret-0123456789", "uplvp-test"
 
-    def __init__(self, dir: Path) -> None:
-        self.dir = dir
+    def __init__(self, dir: Path, ip: str = "127.0.0.1") -> None:
+        self.dir, self.ip = dir, ip
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{ip}:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, tries: int = 3) -> None:
@@ -94,7 +94,7 @@ class SeaweedS3:
                 if attempt == tries - 1:
                     raise
                 self.port = free_port()
-                self.endpoint = f"http://127.0.0.1:{self.port}"
+                self.endpoint = f"http://{self.ip}:{self.port}"
 
     def _start(self) -> None:
         import json
@@ -108,7 +108,7 @@ class SeaweedS3:
         (self.dir / "data").mkdir(exist_ok=True)
         with open(self.dir / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [weed, "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                [weed, "server", f"-dir={self.dir / 'data'}", f"-ip={self.ip}", f"-ip.bind={self.ip}",
                  # every port chosen here (the gRPC ones default to port + 10000, which may not exist), the
                  # gateway's Iceberg and Lance listeners off
                  *(f"-{name}={port}" for name, port in zip(("master.port", "master.port.grpc", "volume.port",

@@ -148,7 +148,8 @@ class JobReporter:
         self._stage_t0 = time.monotonic()
         self._done0 = 0
         self.checkpoint_upload_s = checkpoint_upload_s
-        self._uploaded_at: float | None = None
+        self._uploaded_at: dict[str, float] = {}  # store name -> when it was last uploaded
+        self._pending: set[str] = set()  # resume files written since their last upload (throttled)
 
     def _progress(self, frac: float) -> float:
         lo, hi = self.ranges.get(self.stage, (0.0, 0.0))
@@ -158,6 +159,7 @@ class JobReporter:
         """Record the stage (validating, proposing, pretraining, finetuning, evaluating)."""
         self.stage, self._t0, self.total_steps, self._stage_t0 = stage, None, 0, time.monotonic()
         self.reg.update_job(self.job_id, stage=stage, progress=self._progress(0.0))
+        self._store_finished_files()
 
     def on_plan(self, plan: dict[str, Any]) -> None:
         """A training stage's layout: its epochs (shown as `epochs` on the job) and steps."""
@@ -207,19 +209,50 @@ class JobReporter:
                                               "AP50": entry.get("AP50")})
 
     def on_checkpoint(self, path: Path) -> None:
-        """With a remote store: the fine-tuning's resume checkpoint goes there (at most every
-        checkpoint_upload_s), so that a worker on another host resumes the job from it. Other
-        checkpoints (the teacher's, the pre-training's) stay local."""
-        if not self.reg.remote_store or Path(path) != self.reg.job_dir(self.job_id) / "run" / "checkpoint.pt":
+        """With a remote store: a resume file (Registry.JOB_RESUME_FILES: the fine-tuning's checkpoint, the
+        teacher's, the pre-training's) goes there, each at most every checkpoint_upload_s, so that a worker
+        on another host resumes the job from it. One skipped by the throttle goes at the next stage change."""
+        if not self.reg.remote_store:
+            return
+        name = self._store_name(Path(path))
+        if name is None:
             return
         now = time.monotonic()
-        if self._uploaded_at is not None and now - self._uploaded_at < self.checkpoint_upload_s:
+        if name in self._uploaded_at and now - self._uploaded_at[name] < self.checkpoint_upload_s:
+            self._pending.add(name)
             return
+        self._upload(name)
+
+    def _store_name(self, path: Path) -> str | None:
+        """The store name of a file of this job's work dir that lets a job resume, else None."""
         try:
-            self.reg.put_job_file(self.job_id, Path(path), Registry.JOB_CHECKPOINT)
-            self._uploaded_at = now
+            rel = path.resolve().relative_to(self.reg.job_dir(self.job_id).resolve()).as_posix()
+        except ValueError:
+            return None
+        return next((n for n, r in Registry.JOB_RESUME_FILES.items() if r == rel), None)
+
+    def _upload(self, name: str) -> None:
+        local = self.reg.job_dir(self.job_id) / Registry.JOB_RESUME_FILES[name]
+        try:
+            self.reg.put_job_file(self.job_id, local, name)
+            self._uploaded_at[name] = time.monotonic()
+            self._pending.discard(name)
         except OSError as exc:  # the store is away: training goes on, and the next checkpoint tries again
-            log.warning("job %s: checkpoint not stored (%s); trying again at the next one", self.job_id, exc)
+            self._pending.add(name)
+            log.warning("job %s: %s not stored (%s); trying again at the next one", self.job_id, name, exc)
+
+    def _store_finished_files(self) -> None:
+        """At a stage change: the throttled resume files, and the outputs of the stages done (the teacher's
+        model, the pseudo masks), which are written once and are not checkpoints."""
+        if not self.reg.remote_store:
+            return
+        work = self.reg.job_dir(self.job_id)
+        for name in ("teacher.pt", "pseudo.json"):
+            if name not in self._uploaded_at and (work / Registry.JOB_RESUME_FILES[name]).is_file():
+                self._pending.add(name)
+        for name in sorted(self._pending):
+            if (work / Registry.JOB_RESUME_FILES[name]).is_file():
+                self._upload(name)
 
     @property
     def lost_lock(self) -> bool:
@@ -242,7 +275,7 @@ class JobReporter:
 def job_files(reg: Registry, job: dict[str, Any]) -> None:
     """Rebuild a job's work dir on this host from a remote store where it is missing (the job was submitted
     through another host's API, or its first worker died): its uploaded zips, extracted as the API extracted
-    them, and the fine-tuning's last resume checkpoint. A no-op with the local store (the data dir is shared)."""
+    them, and the job's resume files (Registry.JOB_RESUME_FILES). A no-op with the local store (the data dir is shared)."""
     from app.dataset import ZipLimits, safe_extract
 
     if not reg.remote_store:
@@ -258,12 +291,14 @@ def job_files(reg: Registry, job: dict[str, Any]) -> None:
             raise StoreUnavailable(f"the job's upload '{field}' cannot be read from the store: {exc}") from None
         safe_extract(zip_path, work / up["dir"], limits, field=field)
         zip_path.unlink(missing_ok=True)  # the extracted folder is the cache; the zip stays in the store
-    local = work / "run" / "checkpoint.pt"
-    key = reg.job_key(job["id"], Registry.JOB_CHECKPOINT)
-    if not local.is_file() and reg.store.exists(key):
-        local.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(reg.store.fetch(key), local)
-        log.info("job %s: resuming from the checkpoint in the store", job["id"])
+    for name, rel in Registry.JOB_RESUME_FILES.items():
+        local, key = work / rel, reg.job_key(job["id"], name)
+        if not local.is_file() and reg.store.exists(key):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(local.name + ".fetch")  # a file half copied must not look like a finished stage
+            shutil.copyfile(reg.store.fetch(key), tmp)
+            tmp.replace(local)
+            log.info("job %s: resuming with %s from the store", job["id"], name)
 
 
 def _fail(reg: Registry, job_id: str, code: str, message: str) -> str:
@@ -321,8 +356,10 @@ def _base_ref(base: str) -> tuple[str, int]:
 
 
 def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
-                     body: Callable[[dict[str, Any], Registry, Any, JobReporter], dict[str, Any]]) -> str:
-    """Run one training job while holding its lock; returns the final state (or 'lost_lock')."""
+                     body: Callable[[dict[str, Any], Registry, Any, JobReporter], dict[str, Any]],
+                     worker: str | None = None) -> str:
+    """Run one training job while holding its lock; returns the final state (or 'lost_lock').
+    `worker` is the Celery worker's name, recorded in the job's `device` (which host ran it)."""
     from models.engine.train import TrainingCancelled
     from models.errors import UplvpError
     from models.pipeline import FinetuneParams
@@ -337,7 +374,7 @@ def run_training_job(job_id: str, reg: Registry, lock_lost: Callable[[], bool],
     if s.worker_threads:
         params.threads = s.worker_threads
     params.device = worker_device()  # the worker's, not the submitter's: a job runs where a worker takes it
-    reg.update_job(job_id, device=worker_device_info())
+    reg.update_job(job_id, device={**worker_device_info(), **({"worker": worker} if worker else {})})
     plan = "pretrain" if job["kind"] == "pretrain" else "finetune" if not params.pretrain \
         else "uplvp_self" if params.proposal_engine == "self" else "uplvp"
     reporter = JobReporter(reg, job_id, params.epochs, lock_lost, pretrain_epochs=params.pretrain_epochs, plan=plan,
@@ -406,7 +443,7 @@ def _training_task(task: Any, job_id: str, body: Callable[..., dict[str, Any]]) 
         raise task.retry(countdown=min(60, s.job_lock_ttl_s))
     try:
         with LockKeeper(reg, job_id, token, s.job_lock_ttl_s) as keeper:
-            return run_training_job(job_id, reg, keeper.lost.is_set, body)
+            return run_training_job(job_id, reg, keeper.lost.is_set, body, worker=task.request.hostname)
     except Exception as exc:
         try:
             _fail(reg, job_id, "internal_error", f"{type(exc).__name__}: {exc}")

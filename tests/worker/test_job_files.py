@@ -1,5 +1,5 @@
 """With an S3 store, what a job needs goes through it: a worker on another host rebuilds the job's work dir from
-the uploaded zip and the last resume checkpoint in the store (real Redis, real SeaweedFS)."""
+the uploaded zip and the last resume files in the store (real Redis, real SeaweedFS)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,25 @@ def test_another_host_rebuilds_the_job_from_the_store(settings: Any, s3_server: 
     reporter.on_checkpoint(ckpt)
     ckpt.write_bytes(b"epoch 2")
     reporter.on_checkpoint(ckpt)  # within the interval: not uploaded again
-    reporter.on_checkpoint(a.job_dir(job_id) / "run" / "teacher" / "checkpoint.pt")  # not the job's: ignored
     assert b.store.fetch(b.job_key(job_id, Registry.JOB_CHECKPOINT)).read_bytes() == b"epoch 1"
+    stray = tmp_path / "elsewhere" / "checkpoint.pt"  # not one of the job's resume files: ignored
+    stray.parent.mkdir()
+    stray.write_bytes(b"other")
+    reporter.on_checkpoint(stray)
+    # a UPLVP job's earlier stages go too: the pre-training's checkpoint as it is written, the pseudo masks
+    # once written, at the next stage change (with the checkpoint the throttle held back)
+    run = a.job_dir(job_id) / "run"
+    (run / "pretrain").mkdir()
+    (run / "pretrain" / "pretrain.pt").write_bytes(b"pretrain epoch 1")
+    (run / "pretrain" / "pseudo.json").write_text('{"masks": []}')
+    reporter.on_checkpoint(run / "pretrain" / "pretrain.pt")
+    assert b.store.fetch(b.job_key(job_id, "pretrain.pt")).read_bytes() == b"pretrain epoch 1"
+    assert not b.store.exists(b.job_key(job_id, "pseudo.json"))
+    reporter.on_stage("finetuning")
+    assert b.store.fetch(b.job_key(job_id, "pseudo.json")).read_text() == '{"masks": []}'
+    assert b.store.fetch(b.job_key(job_id, Registry.JOB_CHECKPOINT)).read_bytes() == b"epoch 2"
+    assert not b.store.exists(b.job_key(job_id, "teacher.pt"))  # not a `self` job: no teacher
+    ckpt.write_bytes(b"epoch 3")
     JobReporter(a, job_id, epochs=3, checkpoint_upload_s=0).on_checkpoint(ckpt)
 
     # host A dies; host B has never seen the job: its work dir comes from the store
@@ -51,13 +68,17 @@ def test_another_host_rebuilds_the_job_from_the_store(settings: Any, s3_server: 
     work_b = b.job_dir(job_id)
     names = sorted(p.name for p in (work_b / "dataset").rglob("*") if p.is_file())
     assert "annotations.json" in names and any(n.endswith(".jpg") for n in names)
-    assert (work_b / "run" / "checkpoint.pt").read_bytes() == b"epoch 2"
+    assert (work_b / "run" / "checkpoint.pt").read_bytes() == b"epoch 3"
+    assert (work_b / "run" / "pretrain" / "pseudo.json").read_text() == '{"masks": []}'
+    assert (work_b / "run" / "pretrain" / "pretrain.pt").read_bytes() == b"pretrain epoch 1"
+    assert not (work_b / "run" / "teacher").exists()
     job_files(b, job)  # already there: nothing fetched again
     assert file_sha256(work_b / "run" / "checkpoint.pt") == file_sha256(ckpt)
 
     # the job ends: its files leave the store
     a.delete_job_files(job)
-    assert not a.store.exists(stored["key"]) and not a.store.exists(a.job_key(job_id, Registry.JOB_CHECKPOINT))
+    assert not a.store.exists(stored["key"])
+    assert not any(a.store.exists(a.job_key(job_id, n)) for n in Registry.JOB_RESUME_FILES)
 
 
 def test_a_lost_upload_is_a_storage_error(settings: Any, s3_server: SeaweedS3, tmp_path: Path,
