@@ -338,10 +338,22 @@ class Registry:
         self._finished(job_id)
 
     def _finished(self, job_id: str) -> None:
+        """After every terminal transition (a worker's end, a cancel while queued, the reaper's failures): the
+        job's files leave a remote store here, whoever ended the job (a job failed by the reaper after its
+        host died had left its uploads and checkpoint behind), then the on_finish hook."""
+        try:
+            job = self.get_job(job_id)
+        except NotFound:
+            return
+        if job.get("kind") != "segment":  # a segment job's images travel in its task, never through the store
+            try:
+                self.delete_job_files(job)
+            except OSError as exc:  # the store is away: the objects stay, the state change stands
+                log.warning("job %s: its files could not be removed from the store (%s)", job_id, exc)
         if self.on_finish is None:
             return
         try:
-            self.on_finish(self, self.get_job(job_id))
+            self.on_finish(self, job)
         except Exception:  # a hook never breaks a state change  # noqa: BLE001
             log.exception("on_finish hook of job %s failed", job_id)
 

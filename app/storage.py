@@ -265,6 +265,24 @@ class S3Store:
             raise self._unavailable("be reached (check UPLVP_S3_ENDPOINT_URL)", exc) from None
 
 
+    def create_bucket(self) -> bool:
+        """Create the bucket where it does not exist yet (a fresh object store's first start); True if it was
+        created. StoreUnavailable naming the cause when the endpoint or the credentials fail."""
+        try:
+            self.check()
+            return False
+        except StoreUnavailable as exc:
+            if "does not exist" not in str(exc):
+                raise
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001 - botocore's errors, named for the user
+            if "BucketAlready" in str(exc):  # created by another process at the same moment
+                return False
+            raise self._unavailable(f"create the bucket {self.bucket!r}", exc) from None
+        return True
+
+
 STORE_SCHEMES = ("local", "s3://bucket/prefix")
 
 
@@ -288,3 +306,31 @@ def build_store(artifacts: str, data_dir: Path, endpoint_url: str | None = None)
     if kind == "local":
         return LocalStore(data_dir)
     return S3Store(bucket, prefix, Path(data_dir) / "cache", endpoint_url=endpoint_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m app.storage create-bucket`: create the bucket of an s3:// UPLVP_ARTIFACTS where it is missing
+    (compose's `s3-init`; the API and the workers refuse to start without it). Exit 0 when it exists after."""
+    import argparse
+
+    from app.core.config import Settings
+
+    p = argparse.ArgumentParser(prog="python -m app.storage", description=main.__doc__)
+    p.add_argument("command", choices=["create-bucket"])
+    p.parse_args(argv)
+    settings = Settings()
+    store = build_store(settings.artifacts, settings.data_dir, settings.s3_endpoint_url)
+    if not isinstance(store, S3Store):
+        print(f"UPLVP_ARTIFACTS={settings.artifacts!r} is not an s3:// store: nothing to create")
+        return 0
+    try:
+        created = store.create_bucket()
+    except StoreUnavailable as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"bucket {store.bucket!r} at {store.endpoint_url or 'AWS'}: {'created' if created else 'exists'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,9 +18,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.service_fixtures import ROOT, RedisServer, SeaweedS3, free_port
+from tests.service_fixtures import ROOT, TINY, RedisServer, SeaweedS3, free_port
 
 BRIDGE, SUBNET = "uplvp-br0", "10.231.0"
+
+
+def submit_finetune(http: Any, data: bytes, name: str, epochs: int) -> str:
+    """POST /finetune of the tests' TINY model for `epochs` epochs through an httpx.Client; the job id."""
+    r = http.post("/finetune", files={"dataset": ("d.zip", data, "application/zip")},
+                  data={"name": name, **TINY, "epochs": str(epochs)})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def wait_for(pred: Any, timeout_s: float, what: str) -> Any:
+    """Poll `pred` every 0.2 s until it returns something true (returned), else TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if out := pred():
+            return out
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def netns_allowed() -> bool:

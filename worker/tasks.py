@@ -457,8 +457,8 @@ def _training_task(task: Any, job_id: str, body: Callable[..., dict[str, Any]]) 
             # a run that died of a Redis outage is resumed from it.
             job = reg.get_job(job_id)
             if job["state"] in TERMINAL:
-                shutil.rmtree(reg.job_dir(job_id), ignore_errors=True)
-                reg.delete_job_files(job)  # its uploads and checkpoint in a remote store go with it
+                shutil.rmtree(reg.job_dir(job_id), ignore_errors=True)  # its files in a remote store went
+                # with the transition (Registry._finished)
         except Exception:  # noqa: BLE001
             log.exception("could not release job %s", job_id)
 

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
             raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {v!r}")
         return v
 
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_or_none(cls, v: str | None) -> str | None:
+        return v or None  # empty (compose's ${UPLVP_S3_ENDPOINT_URL:-}): AWS, as unset
+
     @field_validator("artifacts")
     @classmethod
     def _artifacts_scheme(cls, v: str) -> str:

@@ -123,6 +123,26 @@ def test_missing_bucket_and_wrong_credentials_are_named(s3_server: SeaweedS3, tm
         S3Store(s3_server.BUCKET, "", tmp_path, endpoint_url=s3_server.endpoint).check()
 
 
+def test_create_bucket_command(s3_server: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m app.storage create-bucket` (compose's s3-init): makes a missing bucket once, then finds it;
+    a refused credential is an exit 2 naming it, not a traceback."""
+    from app.storage import main
+
+    bucket = f"init-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("UPLVP_ARTIFACTS", f"s3://{bucket}/artifacts")
+    monkeypatch.setenv("UPLVP_DATA_DIR", str(tmp_path))
+    with pytest.raises(StoreUnavailable, match="does not exist"):
+        S3Store(bucket, "", tmp_path, endpoint_url=s3_server.endpoint).check()
+    assert main(["create-bucket"]) == 0 and "created" in capsys.readouterr().out
+    S3Store(bucket, "", tmp_path, endpoint_url=s3_server.endpoint).check()  # the API's start-up check passes
+    assert main(["create-bucket"]) == 0 and "exists" in capsys.readouterr().out
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    assert main(["create-bucket"]) == 2 and "credentials were refused" in capsys.readouterr().out
+
+
 def test_the_registry_keeps_versions_in_the_bucket(s3_server: SeaweedS3, settings: Any, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """register_version puts the checkpoint in the bucket, a worker with an empty cache fetches it verified,

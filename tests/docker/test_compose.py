@@ -45,7 +45,20 @@ def test_environment_names_exist_in_settings() -> None:
     names = Settings.env_names()
     for svc in _compose()["services"].values():
         for key in svc.get("environment", {}):
-            assert key in names, key
+            assert key in names or key.startswith("AWS_"), key  # AWS_*: the standard variables boto3 reads
+
+
+def test_s3_profile_runs_an_object_store_and_creates_its_bucket() -> None:
+    c = _compose()["services"]
+    weed, init = c["seaweedfs"], c["s3-init"]
+    assert weed["profiles"] == ["s3"] == init["profiles"]
+    assert "weed server" in weed["command"][0] and "-s3.config=/tmp/s3.json" in weed["command"][0]
+    assert init["command"] == ["python", "-m", "app.storage", "create-bucket"]
+    assert init["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+    # the stack reads the store's settings from .env; local files unless they are set
+    env = c["api"]["environment"]
+    assert env["UPLVP_ARTIFACTS"] == "${UPLVP_ARTIFACTS:-local}" and "UPLVP_S3_ENDPOINT_URL" in env
+    assert Settings(s3_endpoint_url="").s3_endpoint_url is None  # compose's empty default means AWS, as unset
 
 
 def test_dockerfile_build_args() -> None:

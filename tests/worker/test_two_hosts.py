@@ -11,26 +11,9 @@ from typing import Any
 import httpx
 
 from app.registry import Registry
-from tests.cluster import Cluster
-from tests.service_fixtures import TINY
+from tests.cluster import Cluster, submit_finetune, wait_for
 
 LOCK_TTL_S = 5
-
-
-def _submit(http: httpx.Client, data: bytes, name: str, epochs: int) -> str:
-    r = http.post("/finetune", files={"dataset": ("d.zip", data, "application/zip")},
-                  data={"name": name, **TINY, "epochs": str(epochs)})
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
-def _wait(pred: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if out := pred():
-            return out
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def test_a_job_survives_the_loss_of_its_host(voc_zip: bytes, tmp_path: Path) -> None:
@@ -38,20 +21,20 @@ def test_a_job_survives_the_loss_of_its_host(voc_zip: bytes, tmp_path: Path) -> 
         hosts = [cluster.start_host(), cluster.start_host()]
         http = httpx.Client(base_url=cluster.api_url, timeout=60)
         job = lambda jid: http.get(f"/jobs/{jid}").json()  # noqa: E731
-        long_id = _submit(http, voc_zip, "long", epochs=40)
-        short_id = _submit(http, voc_zip, "short", epochs=2)
+        long_id = submit_finetune(http, voc_zip, "long", epochs=40)
+        short_id = submit_finetune(http, voc_zip, "short", epochs=2)
 
         def both_running() -> bool:
             jobs = [job(long_id), job(short_id)]
             return all(j["state"] in ("running", "succeeded") and (j.get("device") or {}).get("worker")
                        for j in jobs)
 
-        _wait(both_running, 90, "both jobs to start")
+        wait_for(both_running, 90, "both jobs to start")
         runs_on = {jid: job(jid)["device"]["worker"] for jid in (long_id, short_id)}
         assert set(runs_on.values()) == {h.worker for h in hosts}  # each host took one job
 
         store = cluster.registry(tmp_path / "reader")
-        _wait(lambda: job(long_id)["epoch"] >= 3, 90, "the long job's third epoch")
+        wait_for(lambda: job(long_id)["epoch"] >= 3, 90, "the long job's third epoch")
         epoch_at_kill = job(long_id)["epoch"]
         victim = next(h for h in hosts if h.worker == runs_on[long_id])
         other = next(h for h in hosts if h is not victim)
@@ -63,9 +46,9 @@ def test_a_job_survives_the_loss_of_its_host(voc_zip: bytes, tmp_path: Path) -> 
             return j if j["state"] == "running" and j["device"]["worker"] == other.worker and j["attempts"] == 2 \
                 else None
 
-        _wait(resumed, 120, "the long job to run again on the other host")
+        wait_for(resumed, 120, "the long job to run again on the other host")
         back_s = time.monotonic() - t_kill
-        done = _wait(lambda: (j := job(long_id))["state"] in ("succeeded", "failed") and j, 120, "the long job to end")
+        done = wait_for(lambda: (j := job(long_id))["state"] in ("succeeded", "failed") and j, 120, "the long job to end")
         assert done["state"] == "succeeded", done.get("error")
         # it went on from a checkpoint the dead host had stored, not from the start
         assert epoch_at_kill - 2 <= done["result"]["resumed_from_epoch"] <= epoch_at_kill
