@@ -39,9 +39,12 @@ MAX_BUDGET_EPOCHS = 10_000  # a budgeted run's epoch cap when none is given: the
 TEACHER_SHARE, PROPOSAL_SHARE, PRETRAIN_SHARE = 0.35, 0.15, 0.25
 MIN_KERNELS = 50
 # image_size 0 follows the data (image_size_for): the short side that makes the median instance
-# OBJECT_PX pixels across, between AUTO_SIZE_MIN and AUTO_SIZE_MAX (a CPU's cost grows with its square)
+# OBJECT_PX pixels across, between AUTO_SIZE_MIN and AUTO_SIZE_MAX. A CPU's cost grows with the square of
+# the size, so above CROP_PX training sees random CROP_PX x CROP_PX windows of the image (FinetuneParams.crop):
+# the objects keep their size and a step costs what one at CROP_PX does; evaluation sees the whole image.
 OBJECT_PX = 32
-AUTO_SIZE_MIN, AUTO_SIZE_MAX = 320, 640
+AUTO_SIZE_MIN, AUTO_SIZE_MAX = 320, 1024
+CROP_PX = 640
 
 
 def auto_steps(num_images: int) -> int:
@@ -64,7 +67,8 @@ def image_size_for(annotations: Any) -> int:
     AUTO_SIZE_MIN..AUTO_SIZE_MAX and never more than twice the images' median short side.
 
     At the fixed 320 a nucleus of a 260-px microscopy tile is ~2 cells of the stride-8 grid and a
-    10-px insect on a 576-px photo a fraction of one; a balloon or an animal stays at 320."""
+    10-px insect on a 576-px photo a fraction of one; a balloon or an animal stays at 320. Above
+    CROP_PX (tiny objects on large photos) training crops windows of the image (FinetuneParams.crop)."""
     rel, shorts = [], []
     for im in annotations.images:
         short = min(im["height"], im["width"])
@@ -119,6 +123,9 @@ class FinetuneParams:
     scale_max: float = 1.25
     photometric: float = 0.2
     copy_paste: float = 0.0
+    # training on random crop x crop windows (px, after the resize) of images larger than that, each holding
+    # an object: 0 follows the size (CROP_PX where the short side is above it, else none), -1 never
+    crop: int = 0
     width: int = 128
     kernels: int = 0  # 0: follows the data (see class doc)
     stages: int = 3
@@ -263,8 +270,9 @@ class FinetuneParams:
 
         if not train:
             return TransformConfig(self.image_size, self.max_size, flip_prob=0.0)
+        crop = self.crop if self.crop > 0 else CROP_PX if self.crop == 0 and self.image_size > CROP_PX else 0
         return TransformConfig(self.image_size, self.max_size, scale_range=(self.scale_min, self.scale_max),
-                               photometric=self.photometric, copy_paste=self.copy_paste)
+                               photometric=self.photometric, copy_paste=self.copy_paste, crop=crop)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FinetuneParams:

@@ -19,6 +19,7 @@ from models.data.masks import decode_masks, encode_masks, segmentation_to_mask
 from models.data.transforms import (
     TransformConfig,
     boxes_from_masks,
+    crop_window,
     paste_instances,
     photometric_jitter,
     preprocess_image,
@@ -137,11 +138,15 @@ class CocoDataset(torch.utils.data.Dataset):
         h, w = resized_shape(H, W, transform)
         if (img.height, img.width) != (h, w):
             img = img.resize((w, h), Image.BILINEAR)
+        masks = [rescale_mask(m, (h, w)) for m in decode_masks(item.masks)]
+        if self.train and transform.crop and (h > transform.crop or w > transform.crop):
+            y0, x0, h, w = crop_window(h, w, transform.crop, masks, random)  # type: ignore[arg-type]
+            img = img.crop((x0, y0, x0 + w, y0 + h))
+            masks = [m[y0:y0 + h, x0:x0 + w] for m in masks]
         if self.train:
             # jitter the resized image: on a 12-megapixel photo it would cost more than the step
             img = photometric_jitter(img, transform.photometric, random)  # type: ignore[arg-type]
         x = to_tensor(img)
-        masks = [rescale_mask(m, (h, w)) for m in decode_masks(item.masks)]
         keep = [k for k, m in enumerate(masks) if m.any()]  # a mask can vanish at a smaller jittered scale
         m = torch.from_numpy(np.stack([masks[k] for k in keep])) if keep else torch.zeros(0, h, w, dtype=torch.uint8)
         labels, crowd = [item.labels[k] for k in keep], [item.crowd[k] for k in keep]

@@ -29,7 +29,9 @@ class TransformConfig:
     Training only (CocoDataset with train=True): random flip; scale jitter (each image's
     target size times a factor drawn from `scale_range`); photometric jitter (brightness,
     contrast, saturation by up to `photometric`); copy-paste (with chance `copy_paste`, the
-    instances of another training image are pasted on top, Ghiasi et al. 2021).
+    instances of another training image are pasted on top, Ghiasi et al. 2021); a random `crop` x
+    `crop` window (px, after the resize; 0: none) of an image larger than that, centred so that it
+    holds a randomly chosen instance (tiny objects at a large size, at the cost of a small one).
     """
 
     short_side: int = 384
@@ -39,6 +41,7 @@ class TransformConfig:
     scale_range: tuple[float, float] = (1.0, 1.0)
     photometric: float = 0.0
     copy_paste: float = 0.0
+    crop: int = 0
 
     def __post_init__(self) -> None:
         if self.short_side <= 0 or self.max_long_side <= 0:
@@ -51,6 +54,8 @@ class TransformConfig:
         lo, hi = self.scale_range
         if not 0.1 <= lo <= hi <= 4.0:
             raise ConfigError(f"scale_range must be 0.1 <= low <= high <= 4, got {self.scale_range}")
+        if self.crop and self.crop < self.size_divisor:
+            raise ConfigError(f"crop must be 0 (none) or at least {self.size_divisor} px, got {self.crop}")
         if not 0.0 <= self.photometric < 1.0 or not 0.0 <= self.copy_paste <= 1.0:
             raise ConfigError(f"photometric must be in [0, 1) and copy_paste in [0, 1], got {self.photometric}, "
                               f"{self.copy_paste}")
@@ -102,6 +107,25 @@ def paste_instances(x: torch.Tensor, masks: torch.Tensor, src: torch.Tensor, src
     keep_new = new.flatten(1).sum(1) > 0
     kept = torch.cat([visible[keep_old], new[keep_new]])
     return out, kept, torch.cat([keep_old, keep_new])
+
+
+def crop_window(h: int, w: int, crop: int, masks: list[np.ndarray], rng: random.Random) -> tuple[int, int, int, int]:
+    """A training crop of an image of h x w: (y0, x0, height, width), at most `crop` on each side.
+
+    The window holds a pixel of one instance drawn at random from `masks` ([h,w] each; any window when
+    there is none), placed uniformly among the windows that do, so every crop has something to learn
+    from and every part of an object can land anywhere in it.
+    """
+    ch, cw = min(h, crop), min(w, crop)
+    nonempty = [m for m in masks if m.any()]
+    if not nonempty:
+        return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
+    ys, xs = np.nonzero(rng.choice(nonempty))
+    k = rng.randrange(len(ys))
+    cy, cx = int(ys[k]), int(xs[k])
+    y0 = rng.randint(max(0, cy - ch + 1), min(cy, h - ch))
+    x0 = rng.randint(max(0, cx - cw + 1), min(cx, w - cw))
+    return y0, x0, ch, cw
 
 
 def resized_shape(h: int, w: int, t: TransformConfig) -> tuple[int, int]:

@@ -122,7 +122,13 @@ def test_image_size_follows_the_size_of_the_objects():
     assert image_size_for(_sized([(260, 260)] * 3, [[13.0, 14.0]] * 3)) == 520
     # lesions of ~25 px on 416-px photos: 32 / (25 / 416) = 532 -> 544
     assert image_size_for(_sized([(416, 1000)], [[25.0, 24.0, 26.0]])) == 544
-    assert image_size_for(_sized([(576, 768)], [[6.0, 9.0]])) == 640  # tiny insects: the cap
+    # tiny insects: 32 / (7.5 / 576) = 2458 -> the cap; trained on CROP_PX windows, evaluated whole
+    assert image_size_for(_sized([(576, 768)], [[6.0, 9.0]])) == 1024
+    assert FinetuneParams().with_size(1024).transform(True).crop == 640
+    assert FinetuneParams().with_size(1024).transform(False).crop == 0
+    assert FinetuneParams().with_size(544).transform(True).crop == 0  # at most CROP_PX: whole images
+    assert FinetuneParams(crop=-1).with_size(1024).transform(True).crop == 0
+    assert FinetuneParams(crop=256).with_size(544).transform(True).crop == 256
     assert image_size_for(_sized([(576, 768)], [[]])) == 320  # no instance: nothing to follow
 
 

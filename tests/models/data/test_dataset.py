@@ -407,6 +407,51 @@ def test_scale_jitter_photometric_and_copy_paste(voc_coco):
     assert len(sizes) > 1  # the scale changes from sample to sample
 
 
+def test_training_crops_hold_an_object_and_evaluation_sees_the_whole_image(voc_coco):
+    """crop: training samples are windows of at most crop x crop of the resized image, each with an instance
+    whose mask matches the image crop; evaluation is untouched."""
+    import random
+
+    ann = CocoAnnotations(*voc_coco)
+    full = CocoDataset(ann, TransformConfig(256, 400, flip_prob=0.0), train=True)[0]
+    assert full.image.shape[-1] > 96 and full.image.shape[-2] > 96
+    ds = CocoDataset(ann, TransformConfig(256, 400, flip_prob=0.0, crop=96), train=True)
+    corners = set()
+    for seed in range(8):
+        random.seed(seed)
+        s = ds[0]
+        assert s.image.shape[-2:] == (96, 96) == s.masks.shape[-2:]
+        assert len(s.labels) >= 1 and (s.masks.flatten(1).sum(1) > 0).all()
+        # the window is a piece of the full sample: find it and check pixels and masks line up
+        hits = [(y, x) for y in range(full.image.shape[-2] - 95) for x in range(full.image.shape[-1] - 95)
+                if torch.equal(full.image[:, y:y + 96, x:x + 96], s.image)]
+        assert hits, "the crop is not a window of the resized image"
+        y, x = hits[0]
+        corners.add((y, x))
+        window = full.masks[:, y:y + 96, x:x + 96]
+        assert sorted(m.sum().item() for m in window if m.any()) == sorted(m.sum().item() for m in s.masks)
+    assert len(corners) > 1  # the window moves from sample to sample
+    ev = CocoDataset(ann, TransformConfig(256, 400, flip_prob=0.0, crop=96), train=False)[0]
+    assert ev.image.shape[-2:] == full.image.shape[-2:]  # evaluation: the whole image
+    with pytest.raises(ConfigError, match="crop"):
+        TransformConfig(crop=8)
+
+
+def test_crop_window_stays_inside_and_holds_an_instance():
+    import random
+
+    from models.data.transforms import crop_window
+
+    rng = random.Random(0)
+    m = np.zeros((300, 500), np.uint8)
+    m[280:290, 480:495] = 1  # one small object in a corner
+    for _ in range(50):
+        y0, x0, h, w = crop_window(300, 500, 128, [np.zeros_like(m), m], rng)
+        assert (h, w) == (128, 128) and 0 <= y0 <= 300 - 128 and 0 <= x0 <= 500 - 128
+        assert m[y0:y0 + h, x0:x0 + w].any()
+    assert crop_window(100, 500, 128, [], rng)[2:] == (100, 128)  # a side below the crop stays whole
+
+
 def test_paste_instances_occludes_and_drops():
     from models.data.transforms import paste_instances
 
