@@ -81,6 +81,10 @@ class CocoDataset(torch.utils.data.Dataset):
                        if not skip or any(not a["iscrowd"] for a in annotations.annotations_for(im["id"]))]
         if not self.images:
             raise DataError(f"{annotations.ann_file}: no image has a non-crowd annotation to train on")
+        # copy-paste never makes an image fuller than the fullest one of the set: the model's kernels follow
+        # that count (models.pipeline.kernels_for), and a pasted instance past it would have none to learn it
+        self.max_instances = max(sum(self._wanted(a) for a in annotations.annotations_for(im["id"]))
+                                 for im in self.images)
 
     def _wanted(self, ann: dict) -> bool:
         return not (self.train and ann["iscrowd"])
@@ -160,8 +164,11 @@ class CocoDataset(torch.utils.data.Dataset):
         if self.train and len(self.images) > 1 and random.random() < self.transform.copy_paste:
             j = random.randrange(len(self.images) - 1)
             xs, ms, labels_s, crowd_s, _ = self._load(j + (j >= i))
+            chosen: list[int] = []
             if len(labels_s):
                 chosen = [k for k in range(len(labels_s)) if random.random() < 0.5] or [random.randrange(len(labels_s))]
+                chosen = chosen[:max(0, self.max_instances - len(labels))]
+            if chosen:
                 x, m, keep = paste_instances(x, m, xs, ms[chosen])
                 kept = keep.tolist()
                 labels = [v for v, k in zip(labels + [labels_s[c] for c in chosen], kept) if k]

@@ -452,6 +452,35 @@ def test_crop_window_stays_inside_and_holds_an_instance():
     assert crop_window(100, 500, 128, [], rng)[2:] == (100, 128)  # a side below the crop stays whole
 
 
+def test_copy_paste_never_fills_an_image_past_the_fullest_of_the_set(write_coco):
+    """The kernels follow the fullest training image (3 instances here): pasting the 3 instances of b.jpg onto
+    the 1 of a.jpg (apart, so nothing is occluded) stops at 3 instances, where it would make 4."""
+    import random
+
+    def box(y0: int, x0: int) -> list[list[int]]:
+        return [[x0, y0, x0 + 8, y0, x0 + 8, y0 + 8, x0, y0 + 8]]
+
+    c = {"images": [{"id": 1, "file_name": "a.jpg", "height": 40, "width": 60},
+                    {"id": 2, "file_name": "b.jpg", "height": 40, "width": 60}],
+         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": box(2, 2), "iscrowd": 0}]
+         + [{"id": 2 + k, "image_id": 2, "category_id": 1, "segmentation": box(25, 10 + 15 * k), "iscrowd": 0}
+            for k in range(3)],
+         "categories": [{"id": 1, "name": "thing"}]}
+    ann = CocoAnnotations(*write_coco(c))
+    ds = CocoDataset(ann, TransformConfig(40, 60, flip_prob=0.0, copy_paste=1.0), train=True)
+    assert ds.max_instances == 3
+    counts = set()
+    for seed in range(12):
+        random.seed(seed)
+        counts.add(len(ds[0].labels))
+    assert counts <= {2, 3} and 3 in counts  # pasted (1 + 1 or 1 + 2), never 1 + 3
+    ds.max_instances = 4
+    for seed in range(30):
+        random.seed(seed)
+        counts.add(len(ds[0].labels))
+    assert 4 in counts  # with room, all three go
+
+
 def test_paste_instances_occludes_and_drops():
     from models.data.transforms import paste_instances
 
