@@ -55,6 +55,9 @@ def _add_train_args(p: argparse.ArgumentParser, d: dict[str, Any]) -> None:
     if "--threads" not in p._option_string_actions:
         g.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
         _add_device_arg(g)
+    if "copy_paste" in d:
+        g.add_argument("--copy-paste", type=float, default=d["copy_paste"], help="chance that a training image gets "
+                       "instances of another one pasted on top (Ghiasi et al. 2021; 0: off)")
     if "crop" in d:
         g.add_argument("--crop", type=int, default=d["crop"], help="train on random windows of this many px of images "
                        "larger than that (0: follow the size, 640 px above a short side of 640; -1: never)")
@@ -313,7 +316,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         warmup_iters=args.warmup_iters, grad_clip=args.grad_clip, seed=args.seed, val_fraction=args.val_fraction,
         eval_every=args.eval_every, width=args.width, kernels=args.kernels,
         stages=args.stages, backbone_weights=args.backbone_weights, mask_threshold=args.mask_threshold,
-        threads=args.threads, device=args.device, amp=args.amp, ema=args.ema, crop=args.crop)
+        threads=args.threads, device=args.device, amp=args.amp, ema=args.ema, crop=args.crop,
+        copy_paste=args.copy_paste)
 
     def on_init(report: dict) -> None:
         print(f"init from {args.init}: {len(report['loaded'])} tensors loaded; class head {report['class_head']}")
