@@ -34,6 +34,10 @@ class StoreUnavailable(OSError):
     credentials); the message says which and what to check."""
 
 
+class NoSuchBucket(StoreUnavailable):
+    """The endpoint answers, but the bucket does not exist (S3Store.create_bucket makes it)."""
+
+
 @dataclass(frozen=True)
 class StoredArtifact:
     """What `put` recorded: the key (a relative posix path), the content's sha256 and its size."""
@@ -255,8 +259,8 @@ class S3Store:
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code"))
             if code in ("404", "NoSuchBucket", "NotFound"):
-                raise StoreUnavailable(f"the bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}: "
-                                       "create it, or fix UPLVP_ARTIFACTS") from None
+                raise NoSuchBucket(f"the bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}: "
+                                   "create it, or fix UPLVP_ARTIFACTS") from None
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise StoreUnavailable(f"the S3 credentials were refused for bucket {self.bucket!r} ({code}): check "
                                        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
@@ -264,16 +268,14 @@ class S3Store:
         except BotoCoreError as exc:
             raise self._unavailable("be reached (check UPLVP_S3_ENDPOINT_URL)", exc) from None
 
-
     def create_bucket(self) -> bool:
         """Create the bucket where it does not exist yet (a fresh object store's first start); True if it was
         created. StoreUnavailable naming the cause when the endpoint or the credentials fail."""
         try:
             self.check()
             return False
-        except StoreUnavailable as exc:
-            if "does not exist" not in str(exc):
-                raise
+        except NoSuchBucket:
+            pass
         try:
             self.client.create_bucket(Bucket=self.bucket)
         except Exception as exc:  # noqa: BLE001 - botocore's errors, named for the user

@@ -42,14 +42,14 @@ def main() -> int:
     from models.data.dataset import CocoDataset, make_loader
     from models.engine.train import build_optimizer
     from models.nets.build import build_model
-    from models.pipeline import FinetuneParams, max_instances
+    from models.pipeline import FinetuneParams
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ann = CocoAnnotations(args.ann, args.images)
     params = FinetuneParams(**json.loads(args.set)).for_data(ann)
     tcfg = params.train_config(len(ann.images))
-    mcfg = params.model_config(len(ann.categories), max_instances(ann))
+    mcfg = params.model_config(len(ann.categories), ann.max_instances())
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
     model.train()
     fmt = torch.contiguous_format if args.contiguous else torch.channels_last  # as models.engine.train

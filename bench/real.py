@@ -268,13 +268,13 @@ def pretrain_once(files: dict[str, Path], params: Any, train_ann: Any, budget_mi
     data needs, so that the checkpoint loads as a base. Returns (pretrain.pt, what it took)."""
     import dataclasses
 
-    from models.pipeline import max_instances, run_uplvp_pretraining
+    from models.pipeline import run_uplvp_pretraining
 
     work = WORK / "pretrain" / f"{files['train'].parent.name}_{params.proposal_engine}_{ISA}"
     done = work / "done.json"
     if done.is_file():
         return work / "pretrain.pt", json.loads(done.read_text())
-    kernels = params.model_config(len(train_ann.categories), max_instances(train_ann)).num_kernels
+    kernels = params.model_config(len(train_ann.categories), train_ann.max_instances()).num_kernels
     t0 = time.perf_counter()
     folders = [f for f in pool_folders(files) if f is not None]
     ckpt = run_uplvp_pretraining(folders, list(train_ann.categories.names), work,

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,10 +62,7 @@ def throughput(root: Path, data: bytes, hosts: int, netns: bool) -> dict[str, An
         jobs = wait_for(lambda: (js := [http.get(f"/jobs/{i}").json() for i in ids])
                         and all(j["state"] in TERMINAL for j in js) and js, 60 * 30, "the jobs to end")
         wall = time.monotonic() - t0
-    per_host: dict[str, int] = {}
-    for j in jobs:
-        w = (j.get("device") or {}).get("worker", "?")
-        per_host[w] = per_host.get(w, 0) + 1
+    per_host = dict(Counter((j.get("device") or {}).get("worker", "?") for j in jobs))
     return {"hosts": hosts, "jobs": JOBS, "succeeded": sum(j["state"] == "succeeded" for j in jobs),
             "wall_s": round(wall, 1), "jobs_per_hour": round(3600 * JOBS / wall, 1), "jobs_per_host": per_host}
 

@@ -439,7 +439,7 @@ def run_finetune(
     else:
         train_set_ann = CocoAnnotations(train_ann, train_images)
         categories = train_set_ann.categories
-    most = max_instances(train_set_ann)
+    most = train_set_ann.max_instances()
     params = params.for_data(train_set_ann)
     tcfg = params.train_config(len(train_set_ann.images)).validate()
     if state is not None:
@@ -555,12 +555,6 @@ def run_finetune(
                                                         work / "evaluation.png")}
     result.artifact, result.metrics = artifact, metrics
     return result
-
-
-def max_instances(annotations: Any) -> int:
-    """The most non-crowd instances in one image of a CocoAnnotations (what the kernels must hold)."""
-    return max((sum(not a["iscrowd"] for a in annotations.annotations_for(im["id"])) for im in annotations.images),
-               default=0)
 
 
 def image_pool(folders: list[Path], pool: Path) -> Path:

@@ -248,6 +248,10 @@ class CocoAnnotations:
         """Validated annotations of one image (``category_id`` in `categories`' ids)."""
         return self._anns.get(image_id, [])
 
+    def max_instances(self) -> int:
+        """The most non-crowd instances in one image (what a model's kernels must hold; 0 without any)."""
+        return max((sum(not a["iscrowd"] for a in self.annotations_for(im["id"])) for im in self.images), default=0)
+
     def label_of(self, ann: dict) -> int:
         """Contiguous class index of one of this file's annotations."""
         return self.categories.index_of(ann["category_id"])

@@ -83,8 +83,7 @@ class CocoDataset(torch.utils.data.Dataset):
             raise DataError(f"{annotations.ann_file}: no image has a non-crowd annotation to train on")
         # copy-paste never makes an image fuller than the fullest one of the set: the model's kernels follow
         # that count (models.pipeline.kernels_for), and a pasted instance past it would have none to learn it
-        self.max_instances = max(sum(self._wanted(a) for a in annotations.annotations_for(im["id"]))
-                                 for im in self.images)
+        self.max_instances = annotations.max_instances()
 
     def _wanted(self, ann: dict) -> bool:
         return not (self.train and ann["iscrowd"])
