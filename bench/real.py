@@ -93,11 +93,32 @@ OLD_DEFAULTS: dict[str, Any] = dict(lr=1e-4, image_size=384, max_size=640, warmu
 
 ISA = cpu_isa() or "other"  # this machine's kind of CPU (bench.common.cpu_isa)
 
+# The recipe's version, raised when FinetuneParams' defaults move enough to change what the recipe's arms
+# score, so that a run of an older recipe neither stands in for the current one (resuming reruns it) nor
+# pools with it in a row:
+#   1  (no `recipe` in result.json) the recipe up to 920d8d5: no EMA, no copy-paste, sizes up to 640 px
+#   2  EMA of the weights (1cadef7), copy-paste 0.5 (1f6e406), tiny objects up to 1024 px in 640-px crops (7b63b7a)
+RECIPE = 2
+FIXED_ARMS = ("knet_old", "yolo")  # pin their own settings: the recipe's version does not touch them
 
-def run_name(dataset: str, size: int | str, seed: int, arm: str, isa: str = ISA) -> str:
+
+def recipe_of(run: dict[str, Any]) -> int | None:
+    """The recipe version a run trained with (None for the arms that do not follow the recipe)."""
+    return None if run["arm"] in FIXED_ARMS else run.get("recipe", 1)
+
+
+def run_name(dataset: str, size: int | str, seed: int, arm: str, isa: str = ISA, recipe: int | None = RECIPE) -> str:
     """A run's folder. The CPU kind is part of it: arms compare only within one kind (cpu_of), so a run made
-    on another kind of machine does not stand in for this one's, and resuming skips only this kind's runs."""
-    return f"{dataset}_L{size}_s{seed}_{arm}_{isa}"
+    on another kind of machine does not stand in for this one's, and resuming skips only this kind's runs.
+    So is the recipe's version from version 2 on (version 1's folders had none)."""
+    tag = f"_r{recipe}" if arm not in FIXED_ARMS and recipe is not None and recipe > 1 else ""
+    return f"{dataset}_L{size}_s{seed}_{arm}_{isa}{tag}"
+
+
+def label_of(run: dict[str, Any]) -> str:
+    """The arm as the report names it: a run of an older recipe is `arm@r<version>`, a row of its own."""
+    recipe = recipe_of(run)
+    return run["arm"] if recipe in (None, RECIPE) else f"{run['arm']}@r{recipe}"
 
 
 def restore(results: Path) -> int:
@@ -105,7 +126,7 @@ def restore(results: Path) -> int:
     under WORK (runs/ is not in git), so that resuming and the report see them; returns how many were new."""
     new = 0
     for r in json.loads(results.read_text())["runs"]:
-        out = WORK / run_name(r["dataset"], r["L"], r["seed"], r["arm"], isa_of(r))
+        out = WORK / run_name(r["dataset"], r["L"], r["seed"], r["arm"], isa_of(r), recipe_of(r))
         if not (out / "result.json").is_file():
             out.mkdir(parents=True, exist_ok=True)
             (out / "result.json").write_text(json.dumps(r, indent=1))
@@ -380,6 +401,7 @@ def run_one(dataset: str, size: str, seed: int, arm: str, budget_min: float) -> 
     out.mkdir(parents=True, exist_ok=True)
     res = run_yolo_arm(files, budget_min, seed, out) if arm == "yolo" else run_torch_arm(arm, files, budget_min, seed, out)
     res.update({"dataset": dataset, "L": size_v, "seed": seed, "arm": arm, "budget_min": budget_min,
+                **({} if arm in FIXED_ARMS else {"recipe": RECIPE}),
                 "train_images": len(load_json(files["train"])["images"]),
                 "val_images": len(load_json(files["val"])["images"]),
                 "test_images": len(load_json(files["test"])["images"]), "machine": machine()})
@@ -397,7 +419,8 @@ def collect() -> list[dict[str, Any]]:
     runs: dict[tuple, dict[str, Any]] = {}
     for path in sorted(WORK.glob("*/result.json")):
         r = json.loads(path.read_text())
-        runs.setdefault((r["dataset"], str(r["L"]), r["seed"], r["arm"], isa_of(r), r["machine"]["commit"]), r)
+        runs.setdefault((r["dataset"], str(r["L"]), r["seed"], r["arm"], isa_of(r), recipe_of(r),
+                         r["machine"]["commit"]), r)
     return list(runs.values())
 
 
@@ -436,11 +459,19 @@ Groups = dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]]
 
 
 def group_runs(runs: list[dict[str, Any]]) -> Groups:
-    """The runs by (dataset, L, cpu), then by arm: arms compare, and seeds pool, only within one kind of CPU."""
+    """The runs by (dataset, L, cpu), then by arm label (label_of): arms compare, and seeds pool, only within one
+    kind of CPU and one recipe version. The comparisons look up the plain arm names, so they see the current
+    recipe only; older recipes' rows stay in the full table under `arm@r<version>`."""
     groups: Groups = {}
     for r in runs:
-        groups.setdefault((r["dataset"], str(r["L"]), cpu_of(r)), {}).setdefault(r["arm"], []).append(r)
+        groups.setdefault((r["dataset"], str(r["L"]), cpu_of(r)), {}).setdefault(label_of(r), []).append(r)
     return groups
+
+
+def labels(groups: Groups) -> list[str]:
+    """Every arm label present, in ARMS' order, each arm's older recipes after the newer."""
+    present = {a for g in groups.values() for a in g}
+    return sorted(present, key=lambda a: (ARMS.index(a.split("@")[0]), -int(a.split("@r")[1]) if "@r" in a else 0))
 
 
 def level_of(groups: Groups) -> dict[tuple[str, str, str], str]:
@@ -471,7 +502,7 @@ def report(runs: list[dict[str, Any]]) -> None:
               "| commit | set |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, size, cpu), arms in sorted(groups.items()):
-        for arm in ARMS:
+        for arm in labels(groups):
             if rs := arms.get(arm, []):
                 ips = [r["images_per_s"] for r in rs if r.get("images_per_s")]
                 cells = [mean_spread([r["test"]["segm"][k] for r in rs]) for k in ("AP", "AP50", "AP75")]
@@ -483,12 +514,16 @@ def report(runs: list[dict[str, Any]]) -> None:
                              f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} | {overrides_of(rs[0])} |")
     present = [a for a in ARMS if any(a in arms for arms in groups.values())]
     lines += ["", "Arms: " + "; ".join(f"`{a}` {ARM_NOTES[a]}" for a in present) + "."]
+    if any("@r" in a for a in labels(groups)):
+        lines += ["", f"`arm@r<N>`: the arm with version N of the recipe, not the current version {RECIPE} "
+                  "(bench/real.py's RECIPE says what changed). The tables and comparisons below use the current "
+                  "version only."]
     lines += side_by_side(groups)
     lines += recipe_summary(groups)
     lines += uplvp_summary(groups)
     lines += ["", "Per category (test mask AP %, first seed):", ""]
     for (ds, size, cpu), arms in sorted(groups.items()):
-        for arm in ARMS:
+        for arm in labels(groups):
             if arms.get(arm):
                 per = arms[arm][0]["test"].get("per_category", {})
                 lines.append(f"- {ds} L={size} {arm} ({cpu}): " + ", ".join(f"{k} {pct(v)}" for k, v in per.items()))
@@ -513,8 +548,11 @@ def side_by_side(groups: Groups) -> list[str]:
     out: list[str] = []
     level = level_of(groups)
     for cpu, size in sorted({(k[2], level[k]) for k in groups}):
-        here = {k[0]: g for k, g in sorted(groups.items()) if k[2] == cpu and level[k] == size}
+        here = {k[0]: g for k, g in sorted(groups.items())
+                if k[2] == cpu and level[k] == size and any(a in g for a in ARMS)}  # current recipe's rows only
         arms = [a for a in ARMS if any(a in g for g in here.values())]
+        if not arms:
+            continue
         out += ["", f"**{cpu}, L = {size}{' (or all)' if size == '100' else ''}** (test mask AP / AP50 %):", "",
                 "| dataset | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
         for ds, g in here.items():
@@ -595,7 +633,7 @@ def plot(groups: Groups) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted(groups)
+    keys = [k for k in sorted(groups) if any(a in groups[k] for a in ARMS)]  # the current recipe's curves
     if not keys:
         return
     cols = min(4, len(keys))
