@@ -516,8 +516,8 @@ def report(runs: list[dict[str, Any]]) -> None:
     lines += ["", "Arms: " + "; ".join(f"`{a}` {ARM_NOTES[a]}" for a in present) + "."]
     if any("@r" in a for a in labels(groups)):
         lines += ["", f"`arm@r<N>`: the arm with version N of the recipe, not the current version {RECIPE} "
-                  "(bench/real.py's RECIPE says what changed). The tables and comparisons below use the current "
-                  "version only."]
+                  "(bench/real.py's RECIPE says what changed). The small tables show them beside the current version; "
+                  "the comparisons below use the current version only."]
     lines += side_by_side(groups)
     lines += recipe_summary(groups)
     lines += uplvp_summary(groups)
@@ -543,16 +543,14 @@ def mean_test(rs: list[dict[str, Any]], metric: str = "AP") -> float:
 
 
 def side_by_side(groups: Groups) -> list[str]:
-    """The same rows as one small table per kind of CPU and L: a dataset per row, an arm per column,
-    test mask AP / AP50 (mean over seeds; the seed count in brackets when there are several)."""
+    """The same rows as one small table per kind of CPU and L: a dataset per row, an arm per column (an older
+    recipe's `arm@r<N>` beside the arm), test mask AP / AP50 (mean over seeds; the seed count in brackets when
+    there are several)."""
     out: list[str] = []
     level = level_of(groups)
     for cpu, size in sorted({(k[2], level[k]) for k in groups}):
-        here = {k[0]: g for k, g in sorted(groups.items())
-                if k[2] == cpu and level[k] == size and any(a in g for a in ARMS)}  # current recipe's rows only
-        arms = [a for a in ARMS if any(a in g for g in here.values())]
-        if not arms:
-            continue
+        here = {k[0]: g for k, g in sorted(groups.items()) if k[2] == cpu and level[k] == size}
+        arms = [a for a in labels(groups) if any(a in g for g in here.values())]  # older recipes beside the current
         out += ["", f"**{cpu}, L = {size}{' (or all)' if size == '100' else ''}** (test mask AP / AP50 %):", "",
                 "| dataset | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
         for ds, g in here.items():
