@@ -471,7 +471,7 @@ def group_runs(runs: list[dict[str, Any]]) -> Groups:
 def labels(groups: Groups) -> list[str]:
     """Every arm label present, in ARMS' order, each arm's older recipes after the newer."""
     present = {a for g in groups.values() for a in g}
-    return sorted(present, key=lambda a: (ARMS.index(a.split("@")[0]), -int(a.split("@r")[1]) if "@r" in a else 0))
+    return sorted(present, key=lambda a: (ARMS.index(a.split("@")[0]), RECIPE - int(a.split("@r")[1]) if "@r" in a else 0))
 
 
 def level_of(groups: Groups) -> dict[tuple[str, str, str], str]:
@@ -568,12 +568,13 @@ def recipe_summary(groups: Groups) -> list[str]:
     R-CNN and the old defaults on the datasets where both arms have rows (means over seeds, then datasets)."""
     out: list[str] = []
     level = level_of(groups)
-    for cpu in sorted({k[2] for k in groups}):
-        for size in sorted({level[k] for k in groups if k[2] == cpu}):
-            here = [(k[0], g) for k, g in sorted(groups.items()) if k[2] == cpu and level[k] == size and "knet" in g]
+    for cpu, size, tag in sorted({(k[2], level[k], t) for k in groups for t in recipe_tags(groups)}):
+        here = [(k[0], g) for k, g in sorted(groups.items())
+                if k[2] == cpu and level[k] == size and f"knet{tag}" in g]
+        if here:
             parts = []
-            for peer, metric in (("yolo", "AP"), ("maskrcnn", "AP"), ("knet_old", "AP50")):
-                both = [same_seeds(g, "knet", peer) for _, g in here if same_seeds(g, "knet", peer)]
+            for peer, metric in (("yolo", "AP"), (f"maskrcnn{tag}", "AP"), ("knet_old", "AP50")):
+                both = [same_seeds(g, f"knet{tag}", peer) for _, g in here if same_seeds(g, f"knet{tag}", peer)]
                 if not both:
                     continue
                 ours = [mean_test([a for a, _ in pairs], metric) for pairs in both]
@@ -584,8 +585,16 @@ def recipe_summary(groups: Groups) -> list[str]:
                 parts.append(f"vs `{peer}` ({metric}): >= on {wins} of {len(both)}, mean {pct(mine)} vs "
                              f"{pct(peers)}{ratio}")
             if parts:
-                out.append(f"- {cpu}, L={size}{' (or all)' if size == '100' else ''}: `knet` " + "; ".join(parts) + ".")
-    return ["", "The recipe against the other arms (same CPU, same L, on the seeds both ran):", ""] + out if out else []
+                out.append(f"- {cpu}, L={size}{' (or all)' if size == '100' else ''}: `knet{tag}` " + "; ".join(parts)
+                           + ".")
+    return ["", "The recipe against the other arms (same CPU, same L, same recipe version, on the seeds both ran):",
+            ""] + out if out else []
+
+
+def recipe_tags(groups: Groups) -> list[str]:
+    """The label suffixes of the recipe versions present: "" (the current one), then "@r1", ..."""
+    return sorted({"@" + a.split("@")[1] if "@" in a else "" for g in groups.values() for a in g},
+                  key=lambda t: RECIPE - int(t[2:]) if t else 0)
 
 
 def same_seeds(g: dict[str, list[dict[str, Any]]], arm: str, peer: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -601,10 +610,10 @@ def uplvp_summary(groups: Groups) -> list[str]:
     AP in at most half of vanilla's fine-tuning minutes, and on how many it is >= Mask R-CNN (same seeds)."""
     out: list[str] = []
     level = level_of(groups)
-    for arm in [a for a in ARMS if a.startswith("uplvp")]:
+    for arm, tag in [(a + t, t) for t in recipe_tags(groups) for a in ARMS if a.startswith("uplvp")]:
         for cpu, size in sorted({(k[2], level[k]) for k in groups}):
-            both = [(k[0], same_seeds(g, arm, "knet"), g) for k, g in sorted(groups.items())
-                    if k[2] == cpu and level[k] == size and same_seeds(g, arm, "knet")]
+            both = [(k[0], same_seeds(g, arm, f"knet{tag}"), g) for k, g in sorted(groups.items())
+                    if k[2] == cpu and level[k] == size and same_seeds(g, arm, f"knet{tag}")]
             if not both:
                 continue
             ours = statistics.mean(mean_test([u for u, _ in pairs]) for _, pairs, _ in both)
@@ -614,11 +623,12 @@ def uplvp_summary(groups: Groups) -> list[str]:
                 u, v = pairs[0]
                 reach = minutes_to_reach(u["curve"], v["test"]["segm"]["AP"] or 0.0) if u["curve"] else None
                 fast += reach is not None and reach <= 0.5 * v["train_minutes"]
-            vs_mrcnn = [(ds, same_seeds(g, arm, "maskrcnn")) for ds, _, g in both if same_seeds(g, arm, "maskrcnn")]
+            vs_mrcnn = [(ds, same_seeds(g, arm, f"maskrcnn{tag}")) for ds, _, g in both
+                        if same_seeds(g, arm, f"maskrcnn{tag}")]
             wins = sum(mean_test([u for u, _ in p]) >= mean_test([m for _, m in p]) for _, p in vs_mrcnn)
             ratio = f"{ours / vanilla:.2f}x" if vanilla > 0 else "–"
             out.append(f"- `{arm}` on {cpu} at L={size}{' (or all)' if size == '100' else ''}, {len(both)} dataset(s) "
-                       f"with a knet run of the same seed ({', '.join(ds for ds, _, _ in both)}): mean AP {pct(ours)} vs vanilla "
+                       f"with a knet{tag} run of the same seed ({', '.join(ds for ds, _, _ in both)}): mean AP {pct(ours)} vs vanilla "
                        f"{pct(vanilla)} ({ratio}); reaches vanilla's final AP within half its minutes on {fast} of "
                        f"{len(both)}; >= Mask R-CNN on {wins} of {len(vs_mrcnn)}.")
     return ["", "UPLVP against vanilla K-Net, on the seeds both ran (the first such seed for the curves):", ""] + out \
