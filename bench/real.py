@@ -460,18 +460,23 @@ Groups = dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]]
 
 def group_runs(runs: list[dict[str, Any]]) -> Groups:
     """The runs by (dataset, L, cpu), then by arm label (label_of): arms compare, and seeds pool, only within one
-    kind of CPU and one recipe version. The comparisons look up the plain arm names, so they see the current
-    recipe only; older recipes' rows stay in the full table under `arm@r<version>`."""
+    kind of CPU and one recipe version. Older recipes' rows are `arm@r<version>`; the comparisons pair an arm
+    only with peers of its own version."""
     groups: Groups = {}
     for r in runs:
         groups.setdefault((r["dataset"], str(r["L"]), cpu_of(r)), {}).setdefault(label_of(r), []).append(r)
     return groups
 
 
+def recipe_age(label: str) -> int:
+    """How many versions older than the current recipe an arm label (or its `@r<N>` tag) is: 0 for the current."""
+    return RECIPE - int(label.split("@r")[1]) if "@r" in label else 0
+
+
 def labels(groups: Groups) -> list[str]:
     """Every arm label present, in ARMS' order, each arm's older recipes after the newer."""
     present = {a for g in groups.values() for a in g}
-    return sorted(present, key=lambda a: (ARMS.index(a.split("@")[0]), RECIPE - int(a.split("@r")[1]) if "@r" in a else 0))
+    return sorted(present, key=lambda a: (ARMS.index(a.split("@")[0]), recipe_age(a)))
 
 
 def level_of(groups: Groups) -> dict[tuple[str, str, str], str]:
@@ -514,7 +519,7 @@ def report(runs: list[dict[str, Any]]) -> None:
                              f"{', '.join(sorted({r['machine']['commit'][:7] for r in rs}))} | {overrides_of(rs[0])} |")
     present = [a for a in ARMS if any(a in arms for arms in groups.values())]
     lines += ["", "Arms: " + "; ".join(f"`{a}` {ARM_NOTES[a]}" for a in present) + "."]
-    if any("@r" in a for a in labels(groups)):
+    if any(recipe_age(a) for a in labels(groups)):
         lines += ["", f"`arm@r<N>`: the arm with version N of the recipe, not the current version {RECIPE} "
                   "(bench/real.py's RECIPE says what changed). The small tables show them beside the current version; "
                   "the comparisons below use the current version only."]
@@ -593,8 +598,7 @@ def recipe_summary(groups: Groups) -> list[str]:
 
 def recipe_tags(groups: Groups) -> list[str]:
     """The label suffixes of the recipe versions present: "" (the current one), then "@r1", ..."""
-    return sorted({"@" + a.split("@")[1] if "@" in a else "" for g in groups.values() for a in g},
-                  key=lambda t: RECIPE - int(t[2:]) if t else 0)
+    return sorted({"@" + a.split("@")[1] if "@" in a else "" for g in groups.values() for a in g}, key=recipe_age)
 
 
 def same_seeds(g: dict[str, list[dict[str, Any]]], arm: str, peer: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
