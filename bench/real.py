@@ -522,7 +522,7 @@ def report(runs: list[dict[str, Any]]) -> None:
     if any(recipe_age(a) for a in labels(groups)):
         lines += ["", f"`arm@r<N>`: the arm with version N of the recipe, not the current version {RECIPE} "
                   "(bench/real.py's RECIPE says what changed). The small tables show them beside the current version; "
-                  "the comparisons below use the current version only."]
+                  "the comparisons below pair each arm only with peers of its own version."]
     lines += side_by_side(groups)
     lines += recipe_summary(groups)
     lines += uplvp_summary(groups)
