@@ -395,6 +395,9 @@ def run_one(dataset: str, size: str, seed: int, arm: str, budget_min: float) -> 
     import torch
 
     torch.set_num_threads(THREADS)
+    # read before training: the commit is the code this process loaded, not whatever HEAD is when the arm ends
+    # (results committed during a 10-minute arm would otherwise be named as its code)
+    host = machine()
     size_v: int | str = size if size == "all" else int(size)
     files = prepare(dataset, size_v, seed)
     out = WORK / run_name(dataset, size_v, seed, arm)
@@ -404,7 +407,7 @@ def run_one(dataset: str, size: str, seed: int, arm: str, budget_min: float) -> 
                 **({} if arm in FIXED_ARMS else {"recipe": RECIPE}),
                 "train_images": len(load_json(files["train"])["images"]),
                 "val_images": len(load_json(files["val"])["images"]),
-                "test_images": len(load_json(files["test"])["images"]), "machine": machine()})
+                "test_images": len(load_json(files["test"])["images"]), "machine": host})
     (out / "result.json").write_text(json.dumps(res, indent=1))
     print(f"{run_name(dataset, size_v, seed, arm)}: test AP {res['test']['segm']['AP']} "
           f"AP50 {res['test']['segm']['AP50']} in {res['train_minutes']:.1f} min", flush=True)
