@@ -161,6 +161,9 @@ class FinetuneParams:
     proposal_engine: str = "offline"
     max_masks: int = 10  # pseudo masks per image at most
     self_min_score: float = 0.5  # proposal_engine "self": the score a teacher's mask needs to be a pseudo mask
+    # proposal_engine "self": pre-training starts from the teacher's weights rather than from ImageNet alone, so
+    # that what the teacher learnt in its share of the budget is not thrown away (False: the ablation)
+    student_from_teacher: bool = True
 
     def validate(self) -> FinetuneParams:
         """Raise ConfigError naming the first invalid field."""
@@ -664,8 +667,10 @@ def run_uplvp_pretraining(
     _stage(hooks, "pretraining")
     prompt_cfg = PromptConfig(num_slots=params.max_masks)
     # params.kernels: run_finetune passes the count its fine-tuning data needs
+    init = Path(teacher) if teacher is not None and params.student_from_teacher else None
     return pretrain_from_pseudo(pseudo, images, ckpt, params.pretrain_config(budget_min), prompt_cfg, params.model_config, hooks,
-                                resume=ckpt if ckpt.is_file() else None, extra={"engine": params.proposal_engine})
+                                resume=ckpt if ckpt.is_file() else None, extra={"engine": params.proposal_engine},
+                                init=init)
 
 
 def pretrain_from_pseudo(
@@ -680,19 +685,22 @@ def pretrain_from_pseudo(
     train_backbone: bool = False,
     extra: dict[str, Any] | None = None,
     on_data: Callable[[dict[str, Any]], None] | None = None,
+    init: str | Path | None = None,
 ) -> Path:
     """Kernel supervision with prompt-kernel matching on a pseudo-mask file; what the worker's
     pre-training and `uplvp pretrain` both run.
 
     `model_config(num_pseudo_categories) -> ModelConfig` shapes a new model (a resumed one keeps
     its own); `prompt_cfg.num_slots` is capped at the number of kernels. `on_data(summary)` sees
-    what `load_pseudo` found before any step is taken (the CLI prints it, and may refuse).
+    what `load_pseudo` found before any step is taken (the CLI prints it, and may refuse). `init` is a
+    checkpoint a new model starts from (engine.checkpoint.init_from: the tensors whose shapes fit; the
+    `self` engine's teacher), not used when resuming.
     Checkpoints go to `out` every epoch; returns `out`.
     """
     import torch
 
     from models.data.transforms import TransformConfig
-    from models.engine.checkpoint import load_checkpoint
+    from models.engine.checkpoint import init_from, load_checkpoint
     from models.nets.build import build_model
     from models.uplvp.pretrain import load_pseudo, pretrain
 
@@ -707,9 +715,16 @@ def pretrain_from_pseudo(
     prompt_cfg = dataclasses.replace(prompt_cfg, num_slots=min(prompt_cfg.num_slots, mcfg.num_kernels))
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
+    started_from = None
+    if init is not None and state is None:
+        report = init_from(model, init, categories.to_coco())
+        started_from = {"checkpoint": str(init), "loaded": len(report["loaded"]),
+                        "not_loaded": len(report["reinitialised"]) + len(report["missing"]),
+                        "class_head": report["class_head"]}
     pretrain(model, dataset, mcfg, tcfg, prompt_cfg, categories.to_coco(), out=out, resume=state,
              train_backbone=train_backbone, hooks=hooks.train_hooks(),
-             extra={"pseudo": str(pseudo), **(extra or {}), **summary})
+             extra={"pseudo": str(pseudo), **(extra or {}), **summary,
+                    **({"started_from": started_from} if started_from else {})})
     return Path(out)
 
 

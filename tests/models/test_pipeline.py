@@ -179,6 +179,25 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
     assert uplvp.pop("minutes_before_finetuning") > 0
     assert uplvp == {"engine": "self", "pseudo_masks": len(pseudo["annotations"]), "images_proposed": 4,
                      "pool_images": 4}
+    # the student's pre-training starts from the teacher's weights (all of them fit), not from ImageNet alone
+    from models.engine.checkpoint import load_checkpoint
+
+    pre = load_checkpoint(tmp_path / "pretrain" / "pretrain.pt")
+    started = pre["extra"]["pretrain"]["started_from"]
+    assert started["checkpoint"] == str(teacher) and started["loaded"] > 0 and started["not_loaded"] == 0
+    assert started["class_head"] == "transferred"
+    # pre-training freezes the backbone, so it is still the teacher's, which its fine-tuning moved away from the
+    # initialisation the pre-training would otherwise have started from
+    import torch
+
+    from models.nets.build import build_model
+
+    taught = load_checkpoint(teacher)["model"]
+    torch.manual_seed(params.seed)
+    fresh = build_model(pre["model_config"], 96, 128).state_dict()
+    backbone = [k for k in taught if k.startswith("net.backbone.") and taught[k].is_floating_point()]
+    assert backbone and all(torch.equal(pre["model"][k], taught[k]) for k in backbone)
+    assert any(not torch.equal(fresh[k], taught[k]) for k in backbone)
 
     engine = SelfEngine(teacher, min_score=0.0)
     photo = Image.open(images / "voc_0.jpg").convert("RGB")
