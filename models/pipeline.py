@@ -456,8 +456,11 @@ def run_finetune(
     else:
         mcfg = params.model_config(len(categories), most)
         if init is not None and not params.pretrain:  # the base's architecture, so that its weights fit
+            # ...but not its frozen stages, which are how it was trained, not what it is: a UPLVP pre-training
+            # freezes the whole backbone, and a fine-tuning that kept that would train none of it
             mcfg = dataclasses.replace(load_checkpoint(init)["model_config"], num_classes=len(categories),
-                                       backbone_weights=params.backbone_weights).validate()
+                                       backbone_weights=params.backbone_weights,
+                                       frozen_backbone_stages=params.frozen_stages).validate()
             if mcfg.arch == "knet" and mcfg.num_kernels < most:
                 raise ConfigError(f"the base model has {mcfg.num_kernels} kernels, but a training image here has "
                                   f"{most} instances: fine-tune from base 'none' (kernels follow the data) or "

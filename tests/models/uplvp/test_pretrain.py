@@ -96,6 +96,14 @@ def test_finetune_init_from_pretraining_says_what_happened_to_the_class_head(tmp
                  "--stages", "2", "--out", str(tmp_path / "ft.pt"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "class head re-initialised" in out and "only in dataset" in out
+    # pre-training froze the whole backbone; the fine-tuning trains the stages its own settings leave free
+    from models.pipeline import FinetuneParams
+
+    pre, ft = load_checkpoint(path), load_checkpoint(tmp_path / "ft.pt")
+    assert pre["model_config"].frozen_backbone_stages == 5
+    assert ft["model_config"].frozen_backbone_stages == FinetuneParams().frozen_stages < 5
+    last = [k for k in ft["model"] if k.startswith("net.backbone.stages.4.") and k.endswith(".weight")]
+    assert last and any(not torch.equal(ft["model"][k], pre["model"][k]) for k in last)
 
 
 def test_pseudo_json_problems_are_reported(tmp_path, photos):
