@@ -291,7 +291,8 @@ def pretrain_once(files: dict[str, Path], params: Any, train_ann: Any, budget_mi
 
     from models.pipeline import run_uplvp_pretraining
 
-    work = WORK / "pretrain" / f"{files['train'].parent.name}_{params.proposal_engine}_{ISA}"
+    # the recipe's version too: its settings (image sizes, kernels) shape the pre-training as well
+    work = WORK / "pretrain" / f"{files['train'].parent.name}_{params.proposal_engine}_{ISA}_r{RECIPE}"
     done = work / "done.json"
     if done.is_file():
         return work / "pretrain.pt", json.loads(done.read_text())
