@@ -160,7 +160,8 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
 
     ann, images = voc4
     params = FinetuneParams(**{**TINY, "epochs": 2, "val_fraction": 0.25, "pretrain": True, "pretrain_epochs": 1,
-                               "proposal_engine": "self", "self_min_score": 0.0, "max_masks": 3})
+                               "proposal_engine": "self", "self_min_score": 0.0, "max_masks": 3,
+                               "student_from_teacher": True})
     stages: list[str] = []
     res = run_finetune(ann, images, tmp_path, params, hooks=PipelineHooks(on_stage=stages.append))
     # the teacher's own fine-tuning shows as one stage, before the UPLVP ones
@@ -179,7 +180,7 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
     assert uplvp.pop("minutes_before_finetuning") > 0
     assert uplvp == {"engine": "self", "pseudo_masks": len(pseudo["annotations"]), "images_proposed": 4,
                      "pool_images": 4}
-    # the student's pre-training starts from the teacher's weights (all of them fit), not from ImageNet alone
+    # asked to, the student's pre-training starts from the teacher's weights (all of them fit), not ImageNet alone
     from models.engine.checkpoint import load_checkpoint
 
     pre = load_checkpoint(tmp_path / "pretrain" / "pretrain.pt")
