@@ -162,8 +162,9 @@ class FinetuneParams:
     max_masks: int = 10  # pseudo masks per image at most
     self_min_score: float = 0.5  # proposal_engine "self": the score a teacher's mask needs to be a pseudo mask
     # proposal_engine "self": True starts the pre-training from the teacher's weights rather than from ImageNet
-    # alone. Measured off (bench/results/real_ablation.md, L = 25, seed 0): val AP balloon 52.2 vs 48.0 from the
-    # teacher, bottles 76.8 vs 70.3; a student that starts as its teacher relearns the teacher's own masks
+    # alone. Off by default (bench/results/real_ablation.md, L = 25, seed 0): val favoured ImageNet on balloon (52.2
+    # vs 48.0) and bottles (76.8 vs 70.3), the teacher on endangered_animals (41.3 vs 39.6); a student that starts
+    # as its teacher relearns the teacher's own masks
     student_from_teacher: bool = False
 
     def validate(self) -> FinetuneParams:
