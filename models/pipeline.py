@@ -160,7 +160,9 @@ class FinetuneParams:
     # UPLVP_CLIP_PRETRAINED) | grid | saliency
     proposal_engine: str = "offline"
     max_masks: int = 10  # pseudo masks per image at most
-    self_min_score: float = 0.5  # proposal_engine "self": the score a teacher's mask needs to be a pseudo mask
+    # proposal_engine "self": the score a teacher's mask needs to be a pseudo mask; None: the threshold of the best
+    # F1 of the teacher's masks on the val images (models.uplvp.proposals.self_training.calibrate_min_score)
+    self_min_score: float | None = None
     # proposal_engine "self": True starts the pre-training from the teacher's weights rather than from ImageNet
     # alone. Off by default (bench/results/real_ablation.md, L = 25, seed 0): val favoured ImageNet on balloon (52.2
     # vs 48.0) and bottles (76.8 vs 70.3), the teacher on endangered_animals (41.3 vs 39.6); a student that starts
@@ -179,7 +181,7 @@ class FinetuneParams:
             raise ConfigError("UPLVP pre-training is for arch 'knet' (its kernels take the prompts)")
         if self.backbone_weights not in ("imagenet", "none"):
             raise ConfigError(f"backbone_weights must be 'imagenet' or 'none', got {self.backbone_weights!r}")
-        if not 0.0 <= self.self_min_score <= 1.0:
+        if self.self_min_score is not None and not 0.0 <= self.self_min_score <= 1.0:
             raise ConfigError(f"self_min_score must be in [0, 1], got {self.self_min_score}")
         if self.pretrain_epochs < 0 or self.max_masks < 1 or self.epochs < 0 or self.kernels < 0:
             raise ConfigError("epochs, kernels and pretrain_epochs must be >= 0 and max_masks >= 1")
@@ -476,15 +478,18 @@ def run_finetune(
 
     if params.pretrain and state is None:
         folders = [Path(train_images)] + ([Path(unlabeled)] if unlabeled is not None else [])
-        teacher = None
+        teacher, cut = None, None
         if params.proposal_engine == "self":
             if val_ann is None or val_images is None:
                 raise ConfigError("proposal_engine=self fine-tunes a teacher on the labels first and needs held-out "
                                   "images to pick its checkpoint, but none could be held out: give a val split, "
                                   "more than one labelled image with val_fraction > 0, or another proposal_engine")
             teacher = train_teacher(train_ann, train_images, val_ann, val_images, work / "teacher", params, hooks)
-        init = run_uplvp_pretraining(folders, list(categories.names), work / "pretrain",
-                                     dataclasses.replace(params, kernels=mcfg.num_kernels), hooks, teacher=teacher)
+            cut = teacher_min_score(teacher, val_ann, val_images, params)
+        pre_params = dataclasses.replace(params, kernels=mcfg.num_kernels,
+                                         **({"self_min_score": cut["min_score"]} if cut else {}))
+        init = run_uplvp_pretraining(folders, list(categories.names), work / "pretrain", pre_params, hooks,
+                                     teacher=teacher)
         pretrain_minutes = round((time.monotonic() - job_t0) / 60, 2)
         if tcfg.time_budget_s:  # the fine-tuning gets what the teacher, proposals and pre-training left
             left = tcfg.time_budget_s - (time.monotonic() - job_t0)
@@ -492,6 +497,8 @@ def run_finetune(
     uplvp = pseudo_summary(work / "pretrain" / "pseudo.json") if params.pretrain else None
     if uplvp is not None and state is None:  # pre-training ran in this call (a resumed job's did not)
         uplvp["minutes_before_finetuning"] = pretrain_minutes
+        if params.proposal_engine == "self":
+            uplvp["self_min_score"] = cut
 
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
@@ -626,6 +633,23 @@ def train_teacher(
                              hooks=teacher_hooks).artifact)
 
 
+def teacher_min_score(teacher: Path, val_ann: str | Path, val_images: str | Path,
+                      params: FinetuneParams) -> dict[str, Any]:
+    """The score the `self` engine's pseudo masks need: params.self_min_score when given, else calibrated on
+    the val images the teacher was selected on (self_training.calibrate_min_score), kept beside the teacher
+    (``min_score.json``) so that a resumed job cuts where it did. Returns {"min_score", "calibrated", ...}."""
+    if params.self_min_score is not None:
+        return {"min_score": params.self_min_score, "calibrated": False}
+    from models.uplvp.proposals.self_training import calibrate_min_score
+
+    done = teacher.parent / "min_score.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cut = calibrate_min_score(teacher, val_ann, val_images, device=params.on_device().device)
+    done.write_text(json.dumps(cut))
+    return cut
+
+
 def run_uplvp_pretraining(
     images: str | Path | list[Path],
     vocabulary: list[str],
@@ -647,6 +671,7 @@ def run_uplvp_pretraining(
     from models.engine.train import TrainingCancelled
     from models.uplvp.prompts import PromptConfig
     from models.uplvp.proposals import build_engine, propose_folder
+    from models.uplvp.proposals.self_training import FIXED_MIN_SCORE
 
     hooks = hooks or PipelineHooks()
     params = params.on_device()
@@ -658,7 +683,9 @@ def run_uplvp_pretraining(
         _stage(hooks, "proposing")
         if params.threads:
             torch.set_num_threads(params.threads)
-        engine = build_engine(params.proposal_engine, vocabulary, model=teacher, min_score=params.self_min_score,
+        # run_finetune passes the cut it calibrated for its teacher (teacher_min_score)
+        min_score = FIXED_MIN_SCORE if params.self_min_score is None else params.self_min_score
+        engine = build_engine(params.proposal_engine, vocabulary, model=teacher, min_score=min_score,
                               device=params.device)
         # inside a job's budget the proposals have their share of it; pre-training done once on its
         # own budget (budget_min) proposes on the whole pool

@@ -84,6 +84,46 @@ def evaluate_segm(
     }
 
 
+def best_f1_score_threshold(gt: dict | str | Path, results: list[dict], iou: float = 0.5) -> dict[str, Any]:
+    """The score threshold at which `results` (scored predictions) best agree with `gt`: the one whose
+    kept predictions have the highest F1 of precision and recall, a prediction counting as right when
+    COCOeval matches it to a ground-truth instance of its category at mask IoU >= `iou`.
+
+    What a teacher's pseudo masks are cut at (models.uplvp.proposals.self_training): a fixed 0.5 suits
+    a confident one-class model and keeps almost nothing of a many-class one whose class scores are
+    spread over its classes. Arguments as evaluate_segm's (every image of `gt`, crowd regions ignored).
+
+    Returns {"threshold", "precision", "recall", "f1", "predictions", "instances"}; the threshold is
+    None when no prediction is right (F1 is 0 at every threshold).
+    """
+    gt_dict, source = _load_gt(gt)
+    ids = _select_images(gt_dict, None, source)
+    preds = _clean_results(results, gt_dict, source)
+    max_dets = max([100, *(sum(1 for p in preds if p["image_id"] == i) for i in ids)])
+    _, ev = _run(gt_dict, preds, ids, max_dets)
+    t = int(np.argmin(np.abs(ev.params.iouThrs - iou)))
+    scores, right, instances = [], [], 0
+    for e in ev.evalImgs:  # one per (category, area range, image); the first area range is "all"
+        if e is None or list(e["aRng"]) != list(ev.params.areaRng[0]):
+            continue
+        keep = ~np.asarray(e["dtIgnore"][t], dtype=bool)
+        scores.extend(np.asarray(e["dtScores"])[keep].tolist())
+        right.extend((np.asarray(e["dtMatches"][t])[keep] > 0).tolist())
+        instances += int((~np.asarray(e["gtIgnore"], dtype=bool)).sum())
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    hits = np.cumsum(np.asarray(right, dtype=float)[order]) if scores else np.zeros(0)
+    precision = hits / np.arange(1, len(hits) + 1)
+    recall = hits / max(instances, 1)
+    f1 = np.where(hits > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    out: dict[str, Any] = {"threshold": None, "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                           "predictions": len(scores), "instances": instances}
+    if len(f1) and f1.max() > 0:
+        k = int(np.argmax(f1))  # keep the k+1 best-scored predictions
+        out.update(threshold=float(np.asarray(scores)[order][k]), precision=float(precision[k]),
+                   recall=float(recall[k]), f1=float(f1[k]))
+    return out
+
+
 def write_report(metrics: dict, path: str | Path) -> None:
     """Write `metrics` as indented JSON (numpy numbers become plain numbers, NaN/inf become null)."""
     path = Path(path)

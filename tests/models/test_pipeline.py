@@ -178,6 +178,7 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
     # the job's result says what the proposals made (the pool is the labelled folder: 4 photos)
     uplvp = dict(res.metrics["training"]["uplvp"])
     assert uplvp.pop("minutes_before_finetuning") > 0
+    assert uplvp.pop("self_min_score") == {"min_score": 0.0, "calibrated": False}  # given, not calibrated
     assert uplvp == {"engine": "self", "pseudo_masks": len(pseudo["annotations"]), "images_proposed": 4,
                      "pool_images": 4}
     # asked to, the student's pre-training starts from the teacher's weights (all of them fit), not ImageNet alone
@@ -199,6 +200,14 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
     backbone = [k for k in taught if k.startswith("net.backbone.") and taught[k].is_floating_point()]
     assert backbone and all(torch.equal(pre["model"][k], taught[k]) for k in backbone)
     assert any(not torch.equal(fresh[k], taught[k]) for k in backbone)
+
+    # by default the cut is calibrated on the held-out images (here the labelled four), once: a resumed job reads it
+    from models.pipeline import teacher_min_score
+
+    cut = teacher_min_score(teacher, ann, images, FinetuneParams(**TINY))
+    assert 0.0 <= cut["min_score"] <= 1.0 and cut["images"] == 4 and cut["instances"] > 0
+    assert json.loads((teacher.parent / "min_score.json").read_text()) == cut
+    assert teacher_min_score(teacher, ann, images, FinetuneParams(**TINY)) == cut
 
     engine = SelfEngine(teacher, min_score=0.0)
     photo = Image.open(images / "voc_0.jpg").convert("RGB")

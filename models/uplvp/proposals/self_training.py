@@ -12,6 +12,7 @@ vocabulary may cover. models.pipeline fine-tunes the teacher first when a job as
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -48,3 +49,46 @@ class SelfEngine:
             if len(out) == max_masks:
                 break
         return out
+
+
+# The cut where none is calibrated (what `uplvp propose --engine self` defaults to, and the calibration's fallback).
+FIXED_MIN_SCORE = 0.5
+# Below this the teacher's predictions are not looked at (what evaluation, too, leaves out as noise).
+CALIBRATION_FLOOR = 0.05
+# Held-out images the cut is chosen on at most (the first by id): predicting them is part of the job's budget.
+CALIBRATION_IMAGES = 100
+
+
+def calibrate_min_score(checkpoint: str | Path, val_ann: str | Path, val_images: str | Path,
+                        device: str = "cpu", fallback: float = FIXED_MIN_SCORE) -> dict[str, Any]:
+    """The score a teacher's mask needs to be a pseudo mask, chosen on held-out labelled images: the
+    threshold of the best F1 of its masks against theirs (models.engine.evaluate.best_f1_score_threshold,
+    class-aware, mask IoU >= 0.5).
+
+    A fixed cut does not travel across data: a one-class teacher's scores run high, while one that
+    spreads its class scores over several classes (endangered_animals: 5 species) kept 6 masks of
+    score >= 0.5 on 910 photos. Falls back to `fallback` when none of its masks on those images is
+    right. Returns {"min_score", "calibrated", "images", and the F1 summary}.
+    """
+    from models.data.coco import CategoryMap, CocoAnnotations, load_image
+    from models.engine.evaluate import best_f1_score_threshold
+
+    engine = SelfEngine(checkpoint, min_score=CALIBRATION_FLOOR, device=device)
+    predictor = engine.predictor
+    categories = CategoryMap.from_coco([{"id": i, "name": n}
+                                        for i, n in zip(predictor.category_ids, predictor.category_names)])
+    ann = CocoAnnotations(val_ann, val_images, categories=categories)
+    images = sorted(ann.images, key=lambda im: int(im["id"]))[:CALIBRATION_IMAGES]
+    gt = {**ann.raw, "images": images}
+    kept = {int(im["id"]) for im in images}
+    gt["annotations"] = [a for a in ann.raw["annotations"] if int(a["image_id"]) in kept]
+    results = []
+    for im in images:
+        [instances] = predictor.predict_images([load_image(Path(val_images) / im["file_name"])],
+                                                      score_threshold=CALIBRATION_FLOOR)
+        results += [{"image_id": int(im["id"]), "category_id": inst["category_id"],
+                     "segmentation": inst["segmentation"], "score": inst["score"]} for inst in instances]
+    best = best_f1_score_threshold(gt, results)
+    calibrated = best["threshold"] is not None
+    return {"min_score": round(best["threshold"], 4) if calibrated else fallback, "calibrated": calibrated,
+            "images": len(images), **{k: v for k, v in best.items() if k != "threshold"}}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from models.engine.evaluate import STAT_NAMES, evaluate_segm, write_report
+from models.engine.evaluate import STAT_NAMES, best_f1_score_threshold, evaluate_segm, write_report
 from models.errors import DataError
 
 H, W = 200, 240
@@ -281,3 +281,26 @@ def test_max_dets_follows_the_densest_image():
     assert full["max_dets"] == 150 and full["segm"]["AP"] == pytest.approx(1.0)
     capped = evaluate_segm(gt, preds, max_dets=100)
     assert capped["max_dets"] == 100 and capped["segm"]["AP"] < 0.8  # two thirds of the recall at most
+
+
+def test_best_f1_threshold_keeps_the_predictions_that_agree_best_with_the_ground_truth(gt):
+    right = _perfect(gt)  # the 8 non-crowd instances
+    for p, score in zip(right, (0.9, 0.89, 0.88, 0.87, 0.86, 0.85, 0.2, 0.15)):
+        p["score"] = score
+    rotate = {3: 17, 17: 1000, 1000: 3}
+    wrong = [{**p, "category_id": rotate[p["category_id"]]} for p in right[:3]]  # right mask, wrong class
+    for p, score in zip(wrong, (0.5, 0.45, 0.4)):
+        p["score"] = score
+    # two wrong ones above the last two right ones: keeping all ten (precision 0.8, recall 1) beats the
+    # first six (precision 1, recall 0.75), so the cut goes down to the lowest right one
+    two = best_f1_score_threshold(gt, right + wrong[:2])
+    assert two["threshold"] == pytest.approx(0.15) and two["instances"] == 8 and two["predictions"] == 10
+    assert (two["precision"], two["recall"]) == (pytest.approx(0.8), pytest.approx(1.0))
+    assert two["f1"] == pytest.approx(2 * 0.8 / 1.8)
+    # a third wrong one tips it: 8/11 precision no longer pays for the last quarter of recall
+    three = best_f1_score_threshold(gt, right + wrong)
+    assert three["threshold"] == pytest.approx(0.85) and three["precision"] == 1.0 and three["recall"] == 0.75
+    # nothing right: no threshold to give
+    none = best_f1_score_threshold(gt, wrong)
+    assert none["threshold"] is None and none["f1"] == 0.0 and none["predictions"] == 3
+    assert best_f1_score_threshold(gt, [])["threshold"] is None
