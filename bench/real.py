@@ -99,16 +99,7 @@ ISA = cpu_isa() or "other"  # this machine's kind of CPU (bench.common.cpu_isa)
 #   1  (no `recipe` in result.json) the recipe up to 920d8d5: no EMA, no copy-paste, sizes up to 640 px
 #   2  EMA of the weights (1cadef7), copy-paste 0.5 (1f6e406), tiny objects up to 1024 px in 640-px crops (7b63b7a)
 RECIPE = 2
-# Arms whose own version moved past RECIPE, the rest of the recipe unchanged (their peers stay RECIPE's):
-#   uplvp_self 3  the self engine's teacher cuts its pseudo masks where its F1 on val is best, not at 0.5
-ARM_RECIPE = {"uplvp_self": 3}
 FIXED_ARMS = ("knet_old", "yolo")  # pin their own settings: the recipe's version does not touch them
-CURRENT = object()  # run_name's default: the arm's current version
-
-
-def current_recipe(arm: str) -> int:
-    """The version of the recipe an arm trains with today."""
-    return ARM_RECIPE.get(arm, RECIPE)
 
 
 def recipe_of(run: dict[str, Any]) -> int | None:
@@ -116,35 +107,18 @@ def recipe_of(run: dict[str, Any]) -> int | None:
     return None if run["arm"] in FIXED_ARMS else run.get("recipe", 1)
 
 
-def run_name(dataset: str, size: int | str, seed: int, arm: str, isa: str = ISA, recipe: Any = CURRENT) -> str:
+def run_name(dataset: str, size: int | str, seed: int, arm: str, isa: str = ISA, recipe: int | None = RECIPE) -> str:
     """A run's folder. The CPU kind is part of it: arms compare only within one kind (cpu_of), so a run made
     on another kind of machine does not stand in for this one's, and resuming skips only this kind's runs.
     So is the recipe's version from version 2 on (version 1's folders had none)."""
-    recipe = current_recipe(arm) if recipe is CURRENT else recipe
     tag = f"_r{recipe}" if arm not in FIXED_ARMS and recipe is not None and recipe > 1 else ""
     return f"{dataset}_L{size}_s{seed}_{arm}_{isa}{tag}"
 
 
-def label(arm: str, recipe: int | None) -> str:
-    """`arm`, or `arm@r<version>` for a version older than the arm's current one (a row of its own)."""
-    return arm if recipe in (None, current_recipe(arm)) else f"{arm}@r{recipe}"
-
-
 def label_of(run: dict[str, Any]) -> str:
-    """The arm as the report names a run of it (label)."""
-    return label(run["arm"], recipe_of(run))
-
-
-def version_of(arm_label: str) -> int:
-    """The recipe version an arm label stands for."""
-    arm, _, tag = arm_label.partition("@r")
-    return int(tag) if tag else current_recipe(arm)
-
-
-def peer_label(arm_label: str, peer: str) -> str:
-    """The label of `peer` (knet, maskrcnn) that an arm's rows compare with: the peer at the arm's version, or at
-    RECIPE for an arm whose own version moved past it (ARM_RECIPE)."""
-    return label(peer, min(version_of(arm_label), RECIPE))
+    """The arm as the report names it: a run of an older recipe is `arm@r<version>`, a row of its own."""
+    recipe = recipe_of(run)
+    return run["arm"] if recipe in (None, RECIPE) else f"{run['arm']}@r{recipe}"
 
 
 def restore(results: Path) -> int:
@@ -431,7 +405,7 @@ def run_one(dataset: str, size: str, seed: int, arm: str, budget_min: float) -> 
     out.mkdir(parents=True, exist_ok=True)
     res = run_yolo_arm(files, budget_min, seed, out) if arm == "yolo" else run_torch_arm(arm, files, budget_min, seed, out)
     res.update({"dataset": dataset, "L": size_v, "seed": seed, "arm": arm, "budget_min": budget_min,
-                **({} if arm in FIXED_ARMS else {"recipe": current_recipe(arm)}),
+                **({} if arm in FIXED_ARMS else {"recipe": RECIPE}),
                 "train_images": len(load_json(files["train"])["images"]),
                 "val_images": len(load_json(files["val"])["images"]),
                 "test_images": len(load_json(files["test"])["images"]), "machine": host})
@@ -498,9 +472,9 @@ def group_runs(runs: list[dict[str, Any]]) -> Groups:
     return groups
 
 
-def recipe_age(arm_label: str) -> int:
+def recipe_age(label: str) -> int:
     """How many versions older than the current recipe an arm label (or its `@r<N>` tag) is: 0 for the current."""
-    return current_recipe(arm_label.split("@")[0]) - version_of(arm_label)
+    return RECIPE - int(label.split("@r")[1]) if "@r" in label else 0
 
 
 def labels(groups: Groups) -> list[str]:
@@ -550,11 +524,9 @@ def report(runs: list[dict[str, Any]]) -> None:
     present = [a for a in ARMS if any(a in arms for arms in groups.values())]
     lines += ["", "Arms: " + "; ".join(f"`{a}` {ARM_NOTES[a]}" for a in present) + "."]
     if any(recipe_age(a) for a in labels(groups)):
-        moved = "".join(f"; `{a}`'s current version is {v}" for a, v in ARM_RECIPE.items())
-        lines += ["", f"`arm@r<N>`: the arm with version N of the recipe, not the current version {RECIPE}{moved} "
-                  "(bench/real.py's RECIPE and ARM_RECIPE say what changed). The small tables show them beside the "
-                  "current version; the comparisons below pair each arm only with peers of its own version (an arm "
-                  f"whose own version moved past {RECIPE}, with version {RECIPE}'s)."]
+        lines += ["", f"`arm@r<N>`: the arm with version N of the recipe, not the current version {RECIPE} "
+                  "(bench/real.py's RECIPE says what changed). The small tables show them beside the current version; "
+                  "the comparisons below pair each arm only with peers of its own version."]
     lines += side_by_side(groups)
     lines += recipe_summary(groups)
     lines += uplvp_summary(groups)
@@ -630,8 +602,7 @@ def recipe_summary(groups: Groups) -> list[str]:
 
 def recipe_tags(groups: Groups) -> list[str]:
     """The label suffixes of the recipe versions present: "" (the current one), then "@r1", ..."""
-    return sorted({"@" + a.split("@")[1] if "@" in a else "" for g in groups.values() for a in g},
-                  key=lambda t: -int(t[2:]) if t else -RECIPE - 1)
+    return sorted({"@" + a.split("@")[1] if "@" in a else "" for g in groups.values() for a in g}, key=recipe_age)
 
 
 def same_seeds(g: dict[str, list[dict[str, Any]]], arm: str, peer: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -647,12 +618,10 @@ def uplvp_summary(groups: Groups) -> list[str]:
     AP in at most half of vanilla's fine-tuning minutes, and on how many it is >= Mask R-CNN (same seeds)."""
     out: list[str] = []
     level = level_of(groups)
-    arms = [a for a in labels(groups) if a.startswith("uplvp")]
-    for arm in arms:
-        knet, maskrcnn = peer_label(arm, "knet"), peer_label(arm, "maskrcnn")
+    for arm, tag in [(a + t, t) for t in recipe_tags(groups) for a in ARMS if a.startswith("uplvp")]:
         for cpu, size in sorted({(k[2], level[k]) for k in groups}):
-            both = [(k[0], same_seeds(g, arm, knet), g) for k, g in sorted(groups.items())
-                    if k[2] == cpu and level[k] == size and same_seeds(g, arm, knet)]
+            both = [(k[0], same_seeds(g, arm, f"knet{tag}"), g) for k, g in sorted(groups.items())
+                    if k[2] == cpu and level[k] == size and same_seeds(g, arm, f"knet{tag}")]
             if not both:
                 continue
             ours = statistics.mean(mean_test([u for u, _ in pairs]) for _, pairs, _ in both)
@@ -662,11 +631,12 @@ def uplvp_summary(groups: Groups) -> list[str]:
                 u, v = pairs[0]
                 reach = minutes_to_reach(u["curve"], v["test"]["segm"]["AP"] or 0.0) if u["curve"] else None
                 fast += reach is not None and reach <= 0.5 * v["train_minutes"]
-            vs_mrcnn = [(ds, same_seeds(g, arm, maskrcnn)) for ds, _, g in both if same_seeds(g, arm, maskrcnn)]
+            vs_mrcnn = [(ds, same_seeds(g, arm, f"maskrcnn{tag}")) for ds, _, g in both
+                        if same_seeds(g, arm, f"maskrcnn{tag}")]
             wins = sum(mean_test([u for u, _ in p]) >= mean_test([m for _, m in p]) for _, p in vs_mrcnn)
             ratio = f"{ours / vanilla:.2f}x" if vanilla > 0 else "–"
             out.append(f"- `{arm}` on {cpu} at L={size}{' (or all)' if size == '100' else ''}, {len(both)} dataset(s) "
-                       f"with a {knet} run of the same seed ({', '.join(ds for ds, _, _ in both)}): mean AP {pct(ours)} vs vanilla "
+                       f"with a knet{tag} run of the same seed ({', '.join(ds for ds, _, _ in both)}): mean AP {pct(ours)} vs vanilla "
                        f"{pct(vanilla)} ({ratio}); reaches vanilla's final AP within half its minutes on {fast} of "
                        f"{len(both)}; >= Mask R-CNN on {wins} of {len(vs_mrcnn)}.")
     return ["", "UPLVP against vanilla K-Net, on the seeds both ran (the first such seed for the curves):", ""] + out \

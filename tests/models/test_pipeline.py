@@ -201,13 +201,16 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
     assert backbone and all(torch.equal(pre["model"][k], taught[k]) for k in backbone)
     assert any(not torch.equal(fresh[k], taught[k]) for k in backbone)
 
-    # by default the cut is calibrated on the held-out images (here the labelled four), once: a resumed job reads it
+    # asked to (self_min_score None), the cut is calibrated on the held-out images (here the labelled four), once:
+    # a resumed job reads it
     from models.pipeline import teacher_min_score
 
-    cut = teacher_min_score(teacher, ann, images, FinetuneParams(**TINY))
+    calibrated = FinetuneParams(**{**TINY, "self_min_score": None})
+    cut = teacher_min_score(teacher, ann, images, calibrated)
     assert 0.0 <= cut["min_score"] <= 1.0 and cut["images"] == 4 and cut["instances"] > 0
     assert json.loads((teacher.parent / "min_score.json").read_text()) == cut
-    assert teacher_min_score(teacher, ann, images, FinetuneParams(**TINY)) == cut
+    assert teacher_min_score(teacher, ann, images, calibrated) == cut
+    assert teacher_min_score(teacher, ann, images, FinetuneParams(**TINY)) == {"min_score": 0.5, "calibrated": False}
 
     engine = SelfEngine(teacher, min_score=0.0)
     photo = Image.open(images / "voc_0.jpg").convert("RGB")
