@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from app.core.config import Settings
@@ -585,6 +585,20 @@ class Registry:
     def drop_heartbeat(self, hostname: str) -> None:
         """Forget a worker that shuts down."""
         self.r.delete(f"{P}worker:{hostname}")
+
+    def reachable(self, timeout_s: float = 2.0) -> bool:
+        """Whether Redis answers one PING within `timeout_s`, with none of the client's retries: the client
+        rides out a restart for ~20 s (connect()), but a readiness probe must say "not ready" at once."""
+        pool = self.r.connection_pool
+        kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0),
+                  "socket_connect_timeout": timeout_s, "socket_timeout": timeout_s}
+        once = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+        try:
+            return bool(redis.Redis(connection_pool=once).ping())
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            once.disconnect()  # a client on a pool it did not make leaves the pool's sockets open
 
     def workers(self) -> dict[str, dict[str, Any]]:
         """Workers with a live heartbeat: hostname -> info."""

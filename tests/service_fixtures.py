@@ -77,6 +77,7 @@ class SeaweedS3:
     (ACCESS_KEY / SECRET_KEY) and one bucket; a real object store, never a mock."""
 
     ACCESS_KEY, SECRET_KEY, BUCKET = "uplvp-test-key", "uplvp-test-secret-0123456789", "uplvp-test"
+    STOP_GRACE_S = 3.0  # see stop()
 
     def __init__(self, dir: Path, ip: str = "127.0.0.1") -> None:
         self.dir, self.ip = dir, ip
@@ -154,12 +155,17 @@ class SeaweedS3:
                 "AWS_DEFAULT_REGION": "us-east-1", "UPLVP_S3_ENDPOINT_URL": self.endpoint}
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after STOP_GRACE_S. `weed server` stops its volume server on SIGTERM and then
+        its master and filer keep retrying it (the log fills with "Not enough data nodes found!") rather than
+        exit: the suite's waits of 20 s always ran out (the session's teardown and each Cluster's stop). Its
+        data are the tests' temporary files, and no test starts a store again on them."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=self.STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="session")

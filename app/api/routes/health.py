@@ -21,11 +21,14 @@ def healthz() -> Health:
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, summary="Readiness")
 def readyz(registry: RegistryDep) -> JSONResponse:
     """200 when Redis and the artifact store answer and a worker heartbeat is fresh; 503 otherwise, saying why."""
-    try:
-        redis_ok = bool(registry.r.ping())
-        live = registry.workers()
-    except Exception:  # noqa: BLE001 - any Redis failure means not ready
-        redis_ok, live = False, {}
+    # one PING without retries first: a Redis that is down makes this answer 503 at once, not after the
+    # ~20 s the client's retries take to give up (a probe's own timeout is usually a second or two)
+    redis_ok, live = registry.reachable(), {}
+    if redis_ok:
+        try:
+            live = registry.workers()
+        except Exception:  # noqa: BLE001 - any Redis failure means not ready
+            redis_ok = False
     try:
         registry.store.check()
         store_error = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -21,9 +22,36 @@ def test_readyz_without_workers_is_503(client: Any, registry: Any) -> None:
 
     lonely = client.app.state.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(lonely)) as c:
+        t0 = time.monotonic()
         resp = c.get("/readyz")
+        took = time.monotonic() - t0
+    # at once, not after the ~20 s of retries the registry's client spends riding out a Redis restart
+    assert took < 5, took
     assert resp.status_code == 503 and resp.json() == {"status": "not_ready", "redis": False, "workers": [],
                                                  "devices": {}, "store": True, "store_error": None}
+
+
+def test_reachable_pings_once(registry: Any, tmp_path: Any) -> None:
+    """Registry.reachable: True on the suite's Redis; False on a port where nothing listens, after one
+    refused connection (the registry's client itself would retry 25 times)."""
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    from app.registry import Registry
+
+    attempts = []
+
+    class Counted(redis.Connection):
+        def connect(self) -> None:
+            attempts.append(1)
+            super().connect()
+
+    assert registry.reachable()
+    client = redis.Redis.from_url("redis://127.0.0.1:1/0", connection_class=Counted,
+                                  retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=25))
+    assert not Registry(client, tmp_path).reachable()
+    assert attempts == [1]
 
 
 def test_docs_and_openapi(client: Any) -> None:
