@@ -35,21 +35,21 @@ def test_reachable_pings_once(registry: Any, tmp_path: Any) -> None:
     """Registry.reachable: True on the suite's Redis; False on a port where nothing listens, after one
     refused connection (the registry's client itself would retry 25 times)."""
     import redis
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
 
-    from app.registry import Registry
+    from app.registry import Registry, connect
 
     attempts = []
 
     class Counted(redis.Connection):
-        def connect(self) -> None:
+        # one call per socket attempt: connect() itself runs once and retries _connect inside (26 calls on
+        # the service's client, ~20 s)
+        def _connect(self) -> Any:
             attempts.append(1)
-            super().connect()
+            return super()._connect()
 
     assert registry.reachable()
-    client = redis.Redis.from_url("redis://127.0.0.1:1/0", connection_class=Counted,
-                                  retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=25))
+    client = connect("redis://127.0.0.1:1/0")  # the service's own client, retries and all
+    client.connection_pool.connection_class = Counted
     assert not Registry(client, tmp_path).reachable()
     assert attempts == [1]
 
