@@ -171,6 +171,10 @@ class FinetuneParams:
     # vs 48.0) and bottles (76.8 vs 70.3), the teacher on endangered_animals (41.3 vs 39.6); a student that starts
     # as its teacher relearns the teacher's own masks
     student_from_teacher: bool = False
+    # proposal_engine "self": pre-train only when the teacher kept at least this many pseudo masks per labelled
+    # instance on the pool; fewer (but some), and the fine-tuning goes on from the teacher instead
+    # (too_few_pseudo_masks; 0: always pre-train)
+    self_min_pseudo_per_label: float = 0.0
 
     def validate(self) -> FinetuneParams:
         """Raise ConfigError naming the first invalid field."""
@@ -186,6 +190,8 @@ class FinetuneParams:
             raise ConfigError(f"backbone_weights must be 'imagenet' or 'none', got {self.backbone_weights!r}")
         if self.self_min_score is not None and not 0.0 <= self.self_min_score <= 1.0:
             raise ConfigError(f"self_min_score must be in [0, 1], got {self.self_min_score}")
+        if self.self_min_pseudo_per_label < 0:
+            raise ConfigError(f"self_min_pseudo_per_label must be >= 0, got {self.self_min_pseudo_per_label}")
         if self.pretrain_epochs < 0 or self.max_masks < 1 or self.epochs < 0 or self.kernels < 0:
             raise ConfigError("epochs, kernels and pretrain_epochs must be >= 0 and max_masks >= 1")
         if self.time_budget_min and self.time_budget_min < MIN_TIME_BUDGET_MIN:
@@ -481,7 +487,7 @@ def run_finetune(
 
     if params.pretrain and state is None:
         folders = [Path(train_images)] + ([Path(unlabeled)] if unlabeled is not None else [])
-        teacher, cut = None, None
+        teacher, cut, sparse = None, None, None
         if params.proposal_engine == "self":
             if val_ann is None or val_images is None:
                 raise ConfigError("proposal_engine=self fine-tunes a teacher on the labels first and needs held-out "
@@ -491,8 +497,15 @@ def run_finetune(
             cut = teacher_min_score(teacher, val_ann, val_images, params)
         pre_params = dataclasses.replace(params, kernels=mcfg.num_kernels,
                                          **({"self_min_score": cut["min_score"]} if cut else {}))
-        init = run_uplvp_pretraining(folders, list(categories.names), work / "pretrain", pre_params, hooks,
-                                     teacher=teacher)
+        if teacher is not None:
+            sparse = too_few_pseudo_masks(
+                propose_pool(folders, list(categories.names), work / "pretrain", pre_params, hooks, teacher)[0],
+                train_set_ann.num_instances(), params.self_min_pseudo_per_label)
+        if sparse is not None:
+            init = teacher  # the teacher already holds what its few masks would teach: fine-tune on from it
+        else:
+            init = run_uplvp_pretraining(folders, list(categories.names), work / "pretrain", pre_params, hooks,
+                                         teacher=teacher)
         pretrain_minutes = round((time.monotonic() - job_t0) / 60, 2)
         if tcfg.time_budget_s:  # the fine-tuning gets what the teacher, proposals and pre-training left
             left = tcfg.time_budget_s - (time.monotonic() - job_t0)
@@ -502,6 +515,7 @@ def run_finetune(
         uplvp["minutes_before_finetuning"] = pretrain_minutes
         if params.proposal_engine == "self":
             uplvp["self_min_score"] = cut
+            uplvp["pretraining_skipped"] = sparse
 
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, tcfg.short_side, tcfg.max_long_side)
@@ -601,6 +615,18 @@ def pseudo_summary(pseudo: Path) -> dict[str, Any] | None:
             "pool_images": proposed + len(coco.get("skipped", [])) + coco["info"].get("images_not_reached", 0)}
 
 
+def too_few_pseudo_masks(pseudo: Path, labelled: int, per_label: float) -> dict[str, Any] | None:
+    """Why the `self` engine skips its pre-training (None: it does not): its teacher kept fewer pseudo masks
+    on the pool than `per_label` x the `labelled` instances it learnt from, so a pre-training on them would
+    teach less than the labels have already taught it, in time the fine-tuning needs more. None masks at
+    all is not this case: pre-training then fails with no_pseudo_masks, as for every engine."""
+    found = json.loads(pseudo.read_text())["annotations"]
+    if not found or len(found) >= per_label * labelled:
+        return None
+    return {"pseudo_masks": len(found), "labelled_instances": labelled, "per_label": per_label,
+            "instead": "fine-tuned on from the teacher"}
+
+
 def train_teacher(
     train_ann: str | Path,
     train_images: str | Path,
@@ -653,7 +679,7 @@ def teacher_min_score(teacher: Path, val_ann: str | Path, val_images: str | Path
     return cut
 
 
-def run_uplvp_pretraining(
+def propose_pool(
     images: str | Path | list[Path],
     vocabulary: list[str],
     work_dir: str | Path,
@@ -661,18 +687,12 @@ def run_uplvp_pretraining(
     hooks: PipelineHooks | None = None,
     teacher: str | Path | None = None,
     budget_min: float | None = None,
-) -> Path:
-    """UPLVP on the images of a folder (or several): Masks Proposal, then prompt-kernel pre-training.
-
-    Both steps are resumable in `work_dir` (``pseudo.json`` with its partial file, and
-    ``pretrain.pt``). `teacher` is the `self` engine's trained checkpoint (`train_teacher`).
-    `budget_min` is the pre-training's own time budget (default: its share of params' budget).
-    Returns the pre-trained checkpoint, for `run_finetune(init=...)`.
-    """
+) -> tuple[Path, Path]:
+    """Masks Proposal on the images of a folder (or several), resumable in `work_dir` (``pseudo.json`` with
+    its partial file). Arguments as run_uplvp_pretraining's. Returns (pseudo.json, the pool's folder)."""
     import torch
 
     from models.engine.train import TrainingCancelled
-    from models.uplvp.prompts import PromptConfig
     from models.uplvp.proposals import build_engine, propose_folder
     from models.uplvp.proposals.self_training import FIXED_MIN_SCORE
 
@@ -681,7 +701,7 @@ def run_uplvp_pretraining(
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     images = image_pool([Path(f) for f in images] if isinstance(images, list) else [Path(images)], work / "pool")
-    pseudo, ckpt = work / "pseudo.json", work / "pretrain.pt"
+    pseudo = work / "pseudo.json"
     if not pseudo.is_file():
         _stage(hooks, "proposing")
         if params.threads:
@@ -699,6 +719,31 @@ def run_uplvp_pretraining(
         if hooks.should_stop and hooks.should_stop():
             raise TrainingCancelled("cancelled while proposing pseudo masks")
         pseudo.with_suffix(".tmp.json").replace(pseudo)
+    return pseudo, images
+
+
+def run_uplvp_pretraining(
+    images: str | Path | list[Path],
+    vocabulary: list[str],
+    work_dir: str | Path,
+    params: FinetuneParams,
+    hooks: PipelineHooks | None = None,
+    teacher: str | Path | None = None,
+    budget_min: float | None = None,
+) -> Path:
+    """UPLVP on the images of a folder (or several): Masks Proposal, then prompt-kernel pre-training.
+
+    Both steps are resumable in `work_dir` (``pseudo.json`` with its partial file, and
+    ``pretrain.pt``). `teacher` is the `self` engine's trained checkpoint (`train_teacher`).
+    `budget_min` is the pre-training's own time budget (default: its share of params' budget).
+    Returns the pre-trained checkpoint, for `run_finetune(init=...)`.
+    """
+    from models.uplvp.prompts import PromptConfig
+
+    hooks = hooks or PipelineHooks()
+    params = params.on_device()
+    pseudo, images = propose_pool(images, vocabulary, work_dir, params, hooks, teacher, budget_min)
+    ckpt = Path(work_dir) / "pretrain.pt"
     _stage(hooks, "pretraining")
     prompt_cfg = PromptConfig(num_slots=params.max_masks)
     # params.kernels: run_finetune passes the count its fine-tuning data needs

@@ -252,6 +252,10 @@ class CocoAnnotations:
         """The most non-crowd instances in one image (what a model's kernels must hold; 0 without any)."""
         return max((sum(not a["iscrowd"] for a in self.annotations_for(im["id"])) for im in self.images), default=0)
 
+    def num_instances(self) -> int:
+        """The non-crowd instances of all the images (what the labels teach)."""
+        return sum(sum(not a["iscrowd"] for a in self.annotations_for(im["id"])) for im in self.images)
+
     def label_of(self, ann: dict) -> int:
         """Contiguous class index of one of this file's annotations."""
         return self.categories.index_of(ann["category_id"])

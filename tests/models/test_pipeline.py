@@ -161,7 +161,7 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
     ann, images = voc4
     params = FinetuneParams(**{**TINY, "epochs": 2, "val_fraction": 0.25, "pretrain": True, "pretrain_epochs": 1,
                                "proposal_engine": "self", "self_min_score": 0.0, "max_masks": 3,
-                               "student_from_teacher": True})
+                               "student_from_teacher": True, "self_min_pseudo_per_label": 0.0})
     stages: list[str] = []
     res = run_finetune(ann, images, tmp_path, params, hooks=PipelineHooks(on_stage=stages.append))
     # the teacher's own fine-tuning shows as one stage, before the UPLVP ones
@@ -179,6 +179,7 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
     uplvp = dict(res.metrics["training"]["uplvp"])
     assert uplvp.pop("minutes_before_finetuning") > 0
     assert uplvp.pop("self_min_score") == {"min_score": 0.0, "calibrated": False}  # given, not calibrated
+    assert uplvp.pop("pretraining_skipped") is None
     assert uplvp == {"engine": "self", "pseudo_masks": len(pseudo["annotations"]), "images_proposed": 4,
                      "pool_images": 4}
     # asked to, the student's pre-training starts from the teacher's weights (all of them fit), not ImageNet alone
@@ -223,6 +224,44 @@ def test_self_training_pre_trains_on_a_teacher_fine_tuned_on_the_labels(voc4: tu
     with pytest.raises(ConfigError, match="held-out images"):
         run_finetune(ann, images, tmp_path / "b", FinetuneParams(**{**TINY, "pretrain": True,
                                                                       "proposal_engine": "self"}))
+
+
+def test_self_training_with_fewer_pseudo_masks_than_labels_fine_tunes_on_from_its_teacher(voc4, tmp_path: Path):
+    """A teacher that keeps fewer masks on the pool than the labels hold has nothing to pre-train on that it did
+    not learn from the labels: the job skips the pre-training, says so, and fine-tunes on from the teacher."""
+    from models.engine.checkpoint import load_checkpoint
+    from models.pipeline import too_few_pseudo_masks
+
+    ann, images = voc4
+    # every one of the teacher's masks is kept (cut 0), at most one per photo of the four: fewer than
+    # 2 x the three training photos' instances
+    params = FinetuneParams(**{**TINY, "epochs": 2, "val_fraction": 0.25, "pretrain": True, "proposal_engine": "self",
+                               "self_min_score": 0.0, "max_masks": 1, "self_min_pseudo_per_label": 2.0})
+    stages: list[str] = []
+    res = run_finetune(ann, images, tmp_path, params, hooks=PipelineHooks(on_stage=stages.append))
+    assert stages == ["validating", "teaching", "proposing", "finetuning", "evaluating"]
+    assert not (tmp_path / "pretrain" / "pretrain.pt").exists()
+    pseudo = json.loads((tmp_path / "pretrain" / "pseudo.json").read_text())
+    uplvp = res.metrics["training"]["uplvp"]
+    labelled = len(json.loads((tmp_path / "split" / "train.json").read_text())["annotations"])
+    found = len(pseudo["annotations"])
+    assert uplvp["pseudo_masks"] == found and 0 < found <= 4 < 2 * labelled
+    assert uplvp["pretraining_skipped"] == {"pseudo_masks": found, "labelled_instances": labelled, "per_label": 2.0,
+                                            "instead": "fine-tuned on from the teacher"}
+    # the fine-tuning started from every one of the teacher's tensors
+    teacher = load_checkpoint(tmp_path / "teacher" / "model.pt")
+    assert res.init_report["loaded"] and not res.init_report["reinitialised"] and not res.init_report["missing"]
+    assert len(res.init_report["loaded"]) == len(teacher["model"])
+    # the rule itself: at the line the pre-training runs; no mask at all is not a reason to skip (that job fails
+    # with no_pseudo_masks, as for every engine)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"annotations": [{}] * 6}))
+    assert too_few_pseudo_masks(path, 3, 2.0) is None and too_few_pseudo_masks(path, 3, 0.0) is None
+    assert too_few_pseudo_masks(path, 4, 2.0)["pseudo_masks"] == 6
+    path.write_text(json.dumps({"annotations": []}))
+    assert too_few_pseudo_masks(path, 4, 2.0) is None
+    with pytest.raises(ConfigError, match="self_min_pseudo_per_label"):
+        FinetuneParams(self_min_pseudo_per_label=-1).validate()
 
 
 def test_a_budgeted_uplvp_job_shares_one_budget():
