@@ -500,9 +500,9 @@ def run_finetune(
         pre_params = dataclasses.replace(params, kernels=mcfg.num_kernels,
                                          **({"self_min_score": cut["min_score"]} if cut else {}))
         if teacher is not None:
-            sparse = too_few_pseudo_masks(
-                propose_pool(folders, list(categories.names), work / "pretrain", pre_params, hooks, teacher)[0],
-                train_set_ann.num_instances(), params.self_min_pseudo_per_label)
+            pseudo, _ = propose_pool(folders, list(categories.names), work / "pretrain", pre_params, hooks, teacher)
+            sparse = too_few_pseudo_masks(pseudo_summary(pseudo)["pseudo_masks"], train_set_ann.num_instances(),
+                                          params.self_min_pseudo_per_label)
         if sparse is not None:
             init = teacher  # the teacher already holds what its few masks would teach: fine-tune on from it
         else:
@@ -617,15 +617,14 @@ def pseudo_summary(pseudo: Path) -> dict[str, Any] | None:
             "pool_images": proposed + len(coco.get("skipped", [])) + coco["info"].get("images_not_reached", 0)}
 
 
-def too_few_pseudo_masks(pseudo: Path, labelled: int, per_label: float) -> dict[str, Any] | None:
-    """Why the `self` engine skips its pre-training (None: it does not): its teacher kept fewer pseudo masks
-    on the pool than `per_label` x the `labelled` instances it learnt from, so a pre-training on them would
-    teach less than the labels have already taught it, in time the fine-tuning needs more. No mask at
+def too_few_pseudo_masks(found: int, labelled: int, per_label: float) -> dict[str, Any] | None:
+    """Why the `self` engine skips its pre-training (None: it does not): its teacher kept `found` pseudo masks
+    on the pool, fewer than `per_label` x the `labelled` instances it learnt from, so a pre-training on them
+    would teach less than the labels have already taught it, in time the fine-tuning needs more. No mask at
     all is not this case: pre-training then fails with no_pseudo_masks, as for every engine."""
-    found = json.loads(pseudo.read_text())["annotations"]
-    if not found or len(found) >= per_label * labelled:
+    if not found or found >= per_label * labelled:
         return None
-    return {"pseudo_masks": len(found), "labelled_instances": labelled, "per_label": per_label,
+    return {"pseudo_masks": found, "labelled_instances": labelled, "per_label": per_label,
             "instead": "fine-tuned on from the teacher"}
 
 

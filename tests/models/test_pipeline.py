@@ -254,12 +254,9 @@ def test_self_training_with_fewer_pseudo_masks_than_labels_fine_tunes_on_from_it
     assert len(res.init_report["loaded"]) == len(teacher["model"])
     # the rule itself: at the line the pre-training runs; no mask at all is not a reason to skip (that job fails
     # with no_pseudo_masks, as for every engine)
-    path = tmp_path / "p.json"
-    path.write_text(json.dumps({"annotations": [{}] * 6}))
-    assert too_few_pseudo_masks(path, 3, 2.0) is None and too_few_pseudo_masks(path, 3, 0.0) is None
-    assert too_few_pseudo_masks(path, 4, 2.0)["pseudo_masks"] == 6
-    path.write_text(json.dumps({"annotations": []}))
-    assert too_few_pseudo_masks(path, 4, 2.0) is None
+    assert too_few_pseudo_masks(6, 3, 2.0) is None and too_few_pseudo_masks(6, 3, 0.0) is None
+    assert too_few_pseudo_masks(6, 4, 2.0)["pseudo_masks"] == 6
+    assert too_few_pseudo_masks(0, 4, 2.0) is None
     with pytest.raises(ConfigError, match="self_min_pseudo_per_label"):
         FinetuneParams(self_min_pseudo_per_label=-1).validate()
 
